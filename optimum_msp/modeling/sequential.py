@@ -1,0 +1,176 @@
+"""The block-by-block runner: the only place that moves activations around.
+
+The standard sequential scheme (SparseGPT, Wanda): run the calibration batches up to the first decoder
+block and keep what enters it (hidden states plus every keyword argument the block needs: attention mask,
+position ids/embeddings, cache flags); then for each block, let the caller collect statistics and prune
+it, and feed the *pruned* block's outputs to the next one. Only one block's activations are alive at a
+time, so the same code serves models offloaded with ``accelerate``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from .blocks import find_decoder_blocks
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first block needs to run."""
+
+
+@dataclass
+class BlockInputs:
+    """What enters a decoder block, one entry per calibration batch."""
+
+    hidden: List[torch.Tensor] = field(default_factory=list)
+    args: List[Tuple[Any, ...]] = field(default_factory=list)
+    kwargs: List[Dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def clone(self) -> "BlockInputs":
+        return BlockInputs([h.clone() for h in self.hidden], list(self.args), list(self.kwargs))
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """Decoder blocks return a tensor (transformers >= 5) or a tuple whose first item is the hidden state."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def batched(input_ids: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
+    return [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
+
+
+class BlockRunner:
+    """Runs calibration data through a model's decoder blocks, one block at a time."""
+
+    def __init__(self, model: nn.Module, block_name: Optional[str] = None):
+        self.model = model
+        self.block_prefix, self.blocks = find_decoder_blocks(model, block_name)
+
+    @torch.no_grad()
+    def capture(self, input_ids: torch.Tensor, batch_size: int = 1) -> BlockInputs:
+        """Run ``input_ids`` ([samples, seqlen]) up to the first block and record its inputs."""
+        captured = BlockInputs()
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured.hidden.append(hidden.detach())
+            captured.args.append(tuple(args[1:]))
+            captured.kwargs.append(dict(kwargs))
+            raise _StopForward
+
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        device = _input_device(self.model)
+        try:
+            for batch in batched(input_ids, batch_size):
+                try:
+                    self.model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        if len(captured) == 0:
+            raise RuntimeError("The first decoder block was never called: cannot capture its inputs.")
+        return captured
+
+    @torch.no_grad()
+    def run_block(
+        self, index: int, inputs: BlockInputs, on_batch: Optional[Callable[[int], None]] = None, keep: bool = True
+    ) -> List[torch.Tensor]:
+        """Forward every batch through block ``index``; return the outputs if ``keep`` (inputs untouched)."""
+        block = self.blocks[index]
+        outputs = []
+        for j in range(len(inputs)):
+            if on_batch is not None:
+                on_batch(j)
+            out = block_output(block(inputs.hidden[j], *inputs.args[j], **inputs.kwargs[j]))
+            if keep:
+                outputs.append(out)
+        return outputs
+
+    @torch.no_grad()
+    def advance(self, index: int, inputs: BlockInputs) -> None:
+        """Replace ``inputs`` in place by what block ``index`` outputs (one block's activations alive)."""
+        block = self.blocks[index]
+        for j in range(len(inputs)):
+            inputs.hidden[j] = block_output(block(inputs.hidden[j], *inputs.args[j], **inputs.kwargs[j]))
+
+    def walk(self, inputs: BlockInputs, desc: str = "Blocks", start: int = 0) -> Iterator[Tuple[int, nn.Module]]:
+        """Yield ``(index, block)``; after the caller is done with a block, its outputs become the next inputs."""
+        indices = range(start, len(self.blocks))
+        for index in hf_logging.tqdm(indices, desc=desc, disable=not hf_logging.is_progress_bar_enabled()):
+            yield index, self.blocks[index]
+            if index + 1 < len(self.blocks):  # the last block's outputs feed nothing
+                self.advance(index, inputs)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        if embeddings.weight.device.type != "meta":
+            return embeddings.weight.device
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
+class InputStatistics:
+    """Per-linear statistics hooks with sharing: layers fed the same tensor (q/k/v, gate/up) share one
+    accumulator, so e.g. a Hessian is computed once per distinct input instead of once per layer."""
+
+    def __init__(self, layers: Dict[str, nn.Module], make_stats: Callable[[int], Any]):
+        self.layers = layers
+        self.make_stats = make_stats
+        self.stats: Dict[str, Any] = {}
+        self._seen: Dict[Tuple, Tuple[torch.Tensor, Any]] = {}
+        self._handles: List[Any] = []
+
+    def new_batch(self, _index: int) -> None:
+        # Held references keep this batch's inputs alive so a freed tensor's address cannot be reused by
+        # another layer's input within the batch (which would make two different inputs look shared).
+        self._seen.clear()
+
+    def __enter__(self) -> "InputStatistics":
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+            if key in self._seen:
+                stats = self._seen[key][1]
+                self.stats.setdefault(name, stats)
+                if self.stats[name] is stats:
+                    return
+            stats = self.stats.get(name)
+            if stats is None:
+                stats = self.stats[name] = self.make_stats(x.shape[-1])
+            stats.add_batch(x.reshape(-1, x.shape[-1]))
+            self._seen[key] = (x, stats)
+
+        return hook
+
+
+def forward_with_statistics(
+    runner: BlockRunner, index: int, inputs: BlockInputs, layers: Dict[str, nn.Module], make_stats
+) -> Dict[str, Any]:
+    """One pass through block ``index`` collecting input statistics of ``layers``."""
+    with InputStatistics(layers, make_stats) as collector:
+        runner.run_block(index, inputs, on_batch=collector.new_batch, keep=False)
+    return collector.stats

@@ -1,0 +1,267 @@
+"""The sparsity plan: what every pruned layer must hold, stored in the model's ``config.json``.
+
+A plan is produced by an allocator (uniform, OWL, Fisher, MSP search), consumed by any pruner, recorded
+in ``config.json`` under :data:`CONFIG_KEY`, and verified against the weights whenever a pruned checkpoint
+is loaded. Parsing is strict on purpose: a plan is a contract about the weights, so unknown keys, wrong
+types, out-of-range numbers and layers that do not exist are errors that name the offending entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from .masks import SparsityReport, measure_layer
+
+CONFIG_KEY = "sparsity_plan"
+FORMAT_VERSION = 1
+PATTERNS = ("unstructured", "n:m", "mixed-n:m")
+
+
+class PlanError(ValueError):
+    """A plan that is malformed, or weights that do not satisfy their plan."""
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """What one layer must hold: a sparsity, and for N:M layers the ``n`` kept out of every ``m``."""
+
+    sparsity: float
+    n: Optional[int] = None
+    m: Optional[int] = None
+
+    def __post_init__(self):
+        if (self.n is None) != (self.m is None):
+            raise PlanError(f"An N:M target needs both n and m, got n={self.n}, m={self.m}.")
+        if self.is_nm:
+            if self.m <= 0 or not 0 <= self.n <= self.m:
+                raise PlanError(f"N:M target {self.n}:{self.m} must have M >= 1 and 0 <= N <= M.")
+            object.__setattr__(self, "sparsity", 1.0 - self.n / self.m)
+        elif not 0.0 <= self.sparsity <= 1.0:
+            raise PlanError(f"A layer sparsity must lie in [0, 1], got {self.sparsity}.")
+
+    @classmethod
+    def nm(cls, n: int, m: int) -> "LayerTarget":
+        return cls(sparsity=1.0 - n / m, n=n, m=m)
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m is not None
+
+    def describe(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.4f}"
+
+
+@dataclass
+class LayerPlan:
+    target: LayerTarget
+    numel: int
+    achieved: Optional[float] = None
+    sensitivity: Optional[float] = None
+
+    _KEYS = {"sparsity", "n", "m", "numel", "achieved", "sensitivity"}
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"sparsity": self.target.sparsity, "numel": self.numel}
+        if self.target.is_nm:
+            out.update(n=self.target.n, m=self.target.m)
+        if self.achieved is not None:
+            out["achieved"] = self.achieved
+        if self.sensitivity is not None:
+            out["sensitivity"] = self.sensitivity
+        return out
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any) -> "LayerPlan":
+        where = f"sparsity plan, layer {name!r}"
+        if not isinstance(data, Mapping):
+            raise PlanError(f"{where}: expected an object, got {type(data).__name__}.")
+        unknown = set(data) - cls._KEYS
+        if unknown:
+            raise PlanError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(cls._KEYS)}.")
+        sparsity = _number(data.get("sparsity"), f"{where}: 'sparsity'", 0.0, 1.0)
+        numel = data.get("numel")
+        if not isinstance(numel, int) or isinstance(numel, bool) or numel <= 0:
+            raise PlanError(f"{where}: 'numel' must be a positive integer, got {numel!r}.")
+        n, m = data.get("n"), data.get("m")
+        for key, value in (("n", n), ("m", m)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise PlanError(f"{where}: {key!r} must be an integer, got {value!r}.")
+        try:
+            target = LayerTarget(sparsity=sparsity, n=n, m=m)
+        except PlanError as error:
+            raise PlanError(f"{where}: {error}") from None
+        if target.is_nm and abs(target.sparsity - sparsity) > 1e-6:
+            raise PlanError(f"{where}: sparsity {sparsity} contradicts its N:M target {n}:{m}.")
+        achieved = data.get("achieved")
+        if achieved is not None:
+            achieved = _number(achieved, f"{where}: 'achieved'", 0.0, 1.0)
+        sensitivity = data.get("sensitivity")
+        if sensitivity is not None:
+            sensitivity = _number(sensitivity, f"{where}: 'sensitivity'", 0.0, math.inf)
+        return cls(target=target, numel=numel, achieved=achieved, sensitivity=sensitivity)
+
+
+def _number(value: Any, what: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PlanError(f"{what} must be a finite number, got {value!r}.")
+    if not low <= value <= high:
+        raise PlanError(f"{what} must lie in [{low}, {high}], got {value}.")
+    return float(value)
+
+
+@dataclass
+class SparsityPlan:
+    """Per-layer targets plus how they were chosen (method, allocation, calibration, search summary)."""
+
+    method: str
+    pattern: str
+    allocation: str
+    target_sparsity: float
+    layers: Dict[str, LayerPlan]
+    m: Optional[int] = None
+    calibration: Dict[str, Any] = field(default_factory=dict)
+    search: Dict[str, Any] = field(default_factory=dict)
+    block_sensitivity: Dict[str, float] = field(default_factory=dict)
+
+    _KEYS = {
+        "format_version", "method", "pattern", "allocation", "target_sparsity", "achieved_sparsity",
+        "planned_sparsity", "m", "layers", "calibration", "search", "block_sensitivity",
+    }
+
+    # ----------------------------------------------------------------------------------------- numbers
+    @property
+    def planned_sparsity(self) -> float:
+        """Parameter-weighted sparsity the per-layer targets add up to."""
+        total = sum(layer.numel for layer in self.layers.values())
+        return sum(layer.numel * layer.target.sparsity for layer in self.layers.values()) / total
+
+    @property
+    def achieved_sparsity(self) -> Optional[float]:
+        if any(layer.achieved is None for layer in self.layers.values()) or not self.layers:
+            return None
+        total = sum(layer.numel for layer in self.layers.values())
+        return sum(layer.numel * layer.achieved for layer in self.layers.values()) / total
+
+    def targets(self) -> Dict[str, LayerTarget]:
+        return {name: layer.target for name, layer in self.layers.items()}
+
+    # ------------------------------------------------------------------------------------ (de)serialise
+    def to_dict(self) -> Dict[str, Any]:
+        out = {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "pattern": self.pattern,
+            "allocation": self.allocation,
+            "target_sparsity": self.target_sparsity,
+            "planned_sparsity": self.planned_sparsity,
+            "achieved_sparsity": self.achieved_sparsity,
+            "m": self.m,
+            "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
+            "calibration": dict(self.calibration),
+        }
+        if self.search:
+            out["search"] = dict(self.search)
+        if self.block_sensitivity:
+            out["block_sensitivity"] = dict(self.block_sensitivity)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SparsityPlan":
+        if not isinstance(data, Mapping):
+            raise PlanError(f"The sparsity plan must be a JSON object, got {type(data).__name__}.")
+        unknown = set(data) - cls._KEYS
+        if unknown:
+            raise PlanError(f"The sparsity plan has unknown keys {sorted(unknown)}; allowed: {sorted(cls._KEYS)}.")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PlanError(
+                f"Sparsity plan format_version {version!r} is not supported (this optimum-msp reads "
+                f"{FORMAT_VERSION}); upgrade optimum-msp or re-prune the model."
+            )
+        for key in ("method", "pattern", "allocation"):
+            if not isinstance(data.get(key), str):
+                raise PlanError(f"The sparsity plan's {key!r} must be a string, got {data.get(key)!r}.")
+        if data["pattern"] not in PATTERNS:
+            raise PlanError(f"The sparsity plan's pattern {data['pattern']!r} is not one of {PATTERNS}.")
+        target = _number(data.get("target_sparsity"), "The sparsity plan's 'target_sparsity'", 0.0, 1.0)
+        m = data.get("m")
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m <= 0):
+            raise PlanError(f"The sparsity plan's 'm' must be a positive integer or null, got {m!r}.")
+        layers = data.get("layers")
+        if not isinstance(layers, Mapping) or not layers:
+            raise PlanError("The sparsity plan's 'layers' must be a non-empty object of layer name -> target.")
+        for key in ("calibration", "search", "block_sensitivity"):
+            if not isinstance(data.get(key, {}), Mapping):
+                raise PlanError(f"The sparsity plan's {key!r} must be an object.")
+        return cls(
+            method=data["method"],
+            pattern=data["pattern"],
+            allocation=data["allocation"],
+            target_sparsity=target,
+            m=m,
+            layers={name: LayerPlan.from_dict(name, value) for name, value in layers.items()},
+            calibration=dict(data.get("calibration", {})),
+            search=dict(data.get("search", {})),
+            block_sensitivity=dict(data.get("block_sensitivity", {})),
+        )
+
+    @classmethod
+    def from_config(cls, config: Any) -> Optional["SparsityPlan"]:
+        """The plan stored in a transformers config (``None`` when the model is not pruned)."""
+        data = getattr(config, CONFIG_KEY, None)
+        return None if data is None else cls.from_dict(data)
+
+    # ------------------------------------------------------------------------------------------ checks
+    def measure(self, model: torch.nn.Module) -> SparsityReport:
+        """Measure every planned layer of ``model``; a planned layer that does not exist is an error."""
+        from .modeling.blocks import weight_matrix
+
+        modules = dict(model.named_modules())
+        report = {}
+        for name, layer in self.layers.items():
+            module = modules.get(name)
+            if module is None or getattr(module, "weight", None) is None:
+                raise PlanError(f"The sparsity plan names layer {name!r}, which this model does not have.")
+            weight = weight_matrix(module)
+            if weight.numel() != layer.numel:
+                raise PlanError(
+                    f"The sparsity plan says layer {name!r} has {layer.numel} weights, the model has {weight.numel()}."
+                )
+            nm = (layer.target.n, layer.target.m) if layer.target.is_nm else None
+            report[name] = measure_layer(weight.detach(), nm)
+        return SparsityReport(report)
+
+    def verify(self, model: torch.nn.Module) -> SparsityReport:
+        """Raise :class:`PlanError`, naming the layer, if any weight breaks the plan."""
+        report = self.measure(model)
+        for name, measured in report.layers.items():
+            layer = self.layers[name]
+            if measured.nm_violations:
+                raise PlanError(
+                    f"Layer {name!r} breaks its {layer.target.describe()} pattern in {measured.nm_violations} "
+                    "group(s): the weights do not match the sparsity plan in config.json."
+                )
+            # Weights may only gain zeros; the floor is what was achieved at pruning time.
+            floor = layer.achieved if layer.achieved is not None else layer.target.sparsity
+            if measured.zeros < math.floor(floor * layer.numel + 1e-6):
+                raise PlanError(
+                    f"Layer {name!r} is {measured.sparsity:.4f} sparse but its plan requires {floor:.4f}: "
+                    "the weights do not match the sparsity plan in config.json."
+                )
+        return report
+
+    def layer_table(self) -> str:
+        lines = ["| layer | target | achieved |", "|---|---:|---:|"]
+        for name, layer in self.layers.items():
+            achieved = "-" if layer.achieved is None else f"{layer.achieved:.4f}"
+            lines.append(f"| {name} | {layer.target.describe()} | {achieved} |")
+        return "\n".join(lines)
+
+
+def global_sparsity(targets: Mapping[str, LayerTarget], numels: Mapping[str, int]) -> float:
+    total = sum(numels[name] for name in targets)
+    return sum(numels[name] * target.sparsity for name, target in targets.items()) / total

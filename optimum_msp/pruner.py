@@ -1,0 +1,136 @@
+"""``MSPPruner``: load a model, prune it with an :class:`MSPConfig`, save or push the result."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .allocation import ALLOCATORS, AllocationContext
+from .apply import apply_targets
+from .configuration import MSPConfig
+from .data import calibration_windows
+from .modeling.blocks import select_linears
+from .modeling.loading import load_model, load_tokenizer
+from .modeling.sequential import BlockRunner
+from .plan import CONFIG_KEY, LayerPlan, SparsityPlan
+from .pruners import get_pruner
+from .utils.io import atomic_directory
+
+logger = logging.getLogger(__name__)
+
+
+class MSPPruner:
+    """Prunes a causal LM according to an :class:`MSPConfig`.
+
+    >>> pruner = MSPPruner.from_pretrained("smollm2-135m")
+    >>> model = pruner.prune(MSPConfig(method="wanda", sparsity=0.5))
+    >>> pruner.save_pretrained("out/smollm2-wanda-50")
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config: Optional[MSPConfig] = None
+        self.plan: Optional[SparsityPlan] = None
+        self.stats: Dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, model_or_path: Union[str, os.PathLike, nn.Module], tokenizer: Any = None,
+        dtype: Optional[torch.dtype] = torch.float32, **model_kwargs,
+    ) -> "MSPPruner":
+        """From a loaded model, a Hub id, a local folder or a bundled alias (``"smollm2-135m"``)."""
+        if isinstance(model_or_path, nn.Module):
+            return cls(model_or_path, tokenizer)
+        model = load_model(model_or_path, dtype=dtype, **model_kwargs)
+        return cls(model, tokenizer if tokenizer is not None else load_tokenizer(model_or_path))
+
+    # ------------------------------------------------------------------------------------------- prune
+    def calibration(self, config: MSPConfig) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("Calibration needs a tokenizer: pass tokenizer= to MSPPruner (or calibration=).")
+        return calibration_windows(
+            self.tokenizer, config.calibration_dataset, config.num_calibration_samples, config.seqlen,
+            config.seed, config.calibration_split,
+        )
+
+    def prune(self, config: Optional[MSPConfig] = None, calibration: Optional[torch.Tensor] = None,
+              **config_kwargs) -> nn.Module:
+        """Prune the model in place and return it; the plan lands in ``model.config.sparsity_plan``.
+
+        ``calibration`` ([samples, seqlen] token ids) overrides the dataset named in the config.
+        """
+        if config is None:
+            config = MSPConfig(**config_kwargs)
+        elif config_kwargs:
+            raise ValueError("Pass either an MSPConfig or keyword arguments, not both.")
+        config.validate()
+        started = time.perf_counter()
+        pruner = get_pruner(config.method, block_size=config.block_size, dampening=config.dampening)
+        allocator = ALLOCATORS.get(config.allocation)
+        runner = BlockRunner(self.model, config.block_name)
+        layers = [
+            select_linears(block, f"{runner.block_prefix}.{i}", config.targets, config.ignore)
+            for i, block in enumerate(runner.blocks)
+        ]
+        if not any(layers):
+            raise ValueError(
+                f"targets={config.targets} / ignore={config.ignore} select no linear layer inside the decoder blocks."
+            )
+        if calibration is None and (pruner.needs_calibration or allocator.needs_calibration):
+            calibration = self.calibration(config)
+        context = AllocationContext(self.model, config, layers, calibration, runner)
+        targets = allocator.fn(context)
+        allocated = time.perf_counter()
+        achieved = apply_targets(runner, layers, targets, pruner, calibration, config.batch_size)
+        finished = time.perf_counter()
+
+        numels = context.numels
+        sensitivities = context.extras.get("layer_sensitivity", {})
+        self.plan = SparsityPlan(
+            method=config.method,
+            pattern=config.pattern_kind,
+            allocation=config.allocation,
+            target_sparsity=config.sparsity,
+            m=config.m,
+            layers={
+                name: LayerPlan(target, numels[name], achieved.get(name), sensitivities.get(name))
+                for name, target in targets.items()
+            },
+            calibration={
+                "dataset": config.calibration_dataset,
+                "split": config.calibration_split,
+                "num_samples": int(calibration.shape[0]) if calibration is not None else 0,
+                "seqlen": int(calibration.shape[1]) if calibration is not None else 0,
+                "seed": config.seed,
+            },
+            search=context.extras.get("search", {}),
+            block_sensitivity=context.extras.get("block_sensitivity", {}),
+        )
+        self.config = config
+        self.stats = {"allocation_seconds": allocated - started, "prune_seconds": finished - allocated}
+        setattr(self.model.config, CONFIG_KEY, self.plan.to_dict())
+        logger.info(
+            "Pruned %d layers with %s/%s: global sparsity %.4f (target %.4f) in %.1fs",
+            len(achieved), config.method, config.allocation, self.plan.achieved_sparsity or 0.0,
+            config.sparsity, finished - started,
+        )
+        return self.model
+
+    # -------------------------------------------------------------------------------------------- save
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> Path:
+        """Atomically write weights (safetensors), ``config.json`` with the plan, ``msp_config.json`` and the
+        tokenizer: the folder appears complete or not at all."""
+        with atomic_directory(save_directory) as staging:
+            self.model.save_pretrained(staging, **kwargs)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            if self.config is not None:
+                self.config.save_pretrained(staging)
+        return Path(save_directory)

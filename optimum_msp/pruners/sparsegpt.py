@@ -1,0 +1,124 @@
+"""SparseGPT (Frantar & Alistarh, 2023): OBS-style pruning with weight updates from the input Hessian.
+
+Columns are processed left to right in blocks (128 by default). Within a block, the mask is chosen from
+the saliency w^2 / [H^-1]_jj^2 (unstructured: over the whole block, as the paper; N:M: per group of M
+columns of each row) and each pruned weight's error is propagated to the not-yet-processed columns.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..plan import LayerTarget
+from .base import PRUNERS, Pruner
+
+logger = logging.getLogger(__name__)
+
+
+class InputHessian:
+    """Accumulates H = 2/n * X^T X over calibration tokens (the layer-wise reconstruction Hessian)."""
+
+    def __init__(self, in_features: int):
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.xtx = self.xtx.to(x.device)
+        self.xtx.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+def _upper_inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    """cholesky(H^-1, upper) with relative dampening, raised tenfold until H is positive definite."""
+    diag_mean = torch.mean(torch.diag(hessian))
+    damp = dampening
+    for _ in range(8):
+        damped = hessian + damp * diag_mean * torch.eye(hessian.shape[0], device=hessian.device)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+        logger.warning(
+            "SparseGPT: the Hessian is not positive definite with dampening %.3g; retrying with %.3g.",
+            damp, max(damp * 10, 1e-4),
+        )
+        damp = max(damp * 10, 1e-4)
+    raise RuntimeError("SparseGPT: the Hessian stays singular even with heavy dampening; use more calibration data.")
+
+
+@PRUNERS.register("sparsegpt")
+class SparseGPTPruner(Pruner):
+    name = "sparsegpt"
+
+    def __init__(self, block_size: int = 128, dampening: float = 0.01, **options):
+        super().__init__(**options)
+        self.block_size = block_size
+        self.dampening = dampening
+
+    def new_statistics(self, in_features):
+        return InputHessian(in_features)
+
+    @torch.no_grad()
+    def prune(self, weight: torch.Tensor, stats: InputHessian, target: LayerTarget) -> torch.Tensor:
+        W = weight.clone().float()
+        rows, cols = W.shape
+        if target.is_nm and cols % target.m:
+            raise ValueError(f"N:M with M={target.m} needs in_features divisible by {target.m}, got {cols}.")
+        H = stats.hessian.to(W.device).clone()
+        dead = torch.diag(H) == 0  # inputs that were always zero carry no information
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+        Hinv = _upper_inverse_cholesky(H, self.dampening)
+
+        # Blocks must hold whole N:M groups.
+        block = self.block_size if not target.is_nm else max(target.m, self.block_size // target.m * target.m)
+        for start in range(0, cols, block):
+            end = min(start + block, cols)
+            W1 = W[:, start:end].clone()
+            Hinv1 = Hinv[start:end, start:end]
+            diag = torch.diag(Hinv1)
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            if target.is_nm:
+                pruned = torch.zeros_like(W1, dtype=torch.bool)
+            else:
+                pruned = self._unstructured_block_mask(W1, diag, target.sparsity)
+            for i in range(end - start):
+                if target.is_nm and i % target.m == 0:
+                    pruned[:, i : i + target.m] = self._nm_group_mask(W1[:, i : i + target.m], diag[i : i + target.m], target)
+                w = W1[:, i]
+                q = torch.where(pruned[:, i], torch.zeros_like(w), w)
+                Q1[:, i] = q
+                err = (w - q) / diag[i]
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, start:end] = Q1
+            W[:, end:] -= Err1 @ Hinv[start:end, end:]
+        return W
+
+    @staticmethod
+    def _unstructured_block_mask(W1: torch.Tensor, diag: torch.Tensor, sparsity: float) -> torch.Tensor:
+        saliency = (W1**2 / diag.unsqueeze(0) ** 2).flatten()
+        count = int(round(saliency.numel() * sparsity))
+        pruned = torch.zeros_like(saliency, dtype=torch.bool)
+        if count:
+            pruned[torch.sort(saliency, stable=True).indices[:count]] = True
+        return pruned.reshape(W1.shape)
+
+    @staticmethod
+    def _nm_group_mask(group: torch.Tensor, diag: torch.Tensor, target: LayerTarget) -> torch.Tensor:
+        saliency = group**2 / diag.unsqueeze(0) ** 2
+        pruned = torch.zeros_like(group, dtype=torch.bool)
+        drop = target.m - target.n
+        if drop:
+            pruned.scatter_(1, torch.sort(saliency, dim=1, stable=True).indices[:, :drop], True)
+        return pruned

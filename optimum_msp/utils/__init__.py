@@ -1,0 +1,3 @@
+from .paths import cache_dir, local_data_dir
+
+__all__ = ["cache_dir", "local_data_dir"]

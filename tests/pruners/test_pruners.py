@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from optimum_msp.plan import LayerTarget
+from optimum_msp.pruners import PRUNERS, get_pruner
+from optimum_msp.pruners.wanda import InputNorms
+
+
+def _layer_data(seed=0, rows=16, cols=64, tokens=256):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator)
+    # correlated inputs with uneven feature scales, as real activations have
+    x = torch.randn(tokens, cols, generator=generator) @ torch.randn(cols, cols, generator=generator) * 0.3
+    x = x * torch.linspace(0.1, 3.0, cols)[torch.randperm(cols, generator=generator)]
+    return weight, x
+
+
+def _stats(pruner, x, chunks=4):
+    stats = pruner.new_statistics(x.shape[1])
+    for part in x.chunk(chunks):
+        stats.add_batch(part)
+    return stats
+
+
+def test_registry_lists_methods():
+    assert {"magnitude", "wanda", "sparsegpt"} <= set(PRUNERS)
+    with pytest.raises(ValueError, match="Unknown pruning method 'nope'"):
+        get_pruner("nope")
+
+
+def test_wanda_scores_equal_hand_computation():
+    weight, x = _layer_data()
+    pruner = get_pruner("wanda")
+    stats = _stats(pruner, x)
+    by_hand = torch.zeros_like(weight)
+    for i in range(weight.shape[0]):
+        for j in range(weight.shape[1]):
+            by_hand[i, j] = abs(weight[i, j]) * torch.sqrt(sum(x[t, j] ** 2 for t in range(x.shape[0])))
+    torch.testing.assert_close(pruner.scores(weight, stats), by_hand, rtol=1e-4, atol=1e-5)
+
+
+def test_wanda_prunes_lowest_score_per_row():
+    weight, x = _layer_data(1)
+    pruner = get_pruner("wanda")
+    stats = _stats(pruner, x)
+    pruned = pruner.prune(weight, stats, LayerTarget(0.5))
+    scores = weight.abs() * x.norm(dim=0)
+    for row in range(weight.shape[0]):
+        kept = pruned[row] != 0
+        assert kept.sum() == 32
+        assert scores[row][kept].min() >= scores[row][~kept].max()
+
+
+def test_magnitude_needs_no_data():
+    weight, _ = _layer_data(2)
+    pruner = get_pruner("magnitude")
+    assert not pruner.needs_calibration
+    pruned = pruner.prune(weight, None, LayerTarget.nm(2, 4))
+    assert torch.equal(pruned != 0, (weight.abs().reshape(16, -1, 4).argsort(dim=2).argsort(dim=2) >= 2).reshape(16, 64))
+
+
+def _reconstruction_error(weight, pruned, x):
+    return torch.linalg.norm(x @ weight.t() - x @ pruned.t()).item()
+
+
+@pytest.mark.parametrize("target", [LayerTarget(0.5), LayerTarget(0.75), LayerTarget.nm(2, 4), LayerTarget.nm(2, 8)])
+def test_sparsegpt_reconstructs_better_than_wanda_at_same_density(target):
+    weight, x = _layer_data(3)
+    wanda, sparsegpt = get_pruner("wanda"), get_pruner("sparsegpt")  # default 128-column blocks
+    w_pruned = wanda.prune(weight, _stats(wanda, x), target)
+    s_pruned = sparsegpt.prune(weight, _stats(sparsegpt, x), target)
+    assert (s_pruned == 0).sum() == (w_pruned == 0).sum()
+    assert _reconstruction_error(weight, s_pruned, x) < _reconstruction_error(weight, w_pruned, x)
+    if target.is_nm:
+        groups = (s_pruned != 0).reshape(16, -1, target.m).sum(dim=2)
+        assert torch.all(groups <= target.n)
+
+
+def test_sparsegpt_survives_singular_hessian(caplog):
+    weight, _ = _layer_data(4)
+    x = torch.zeros(64, 64)
+    x[:, 0] = 1.0  # rank-one inputs, many dead features
+    x[:, 1] = 1.0  # two identical features: singular even after removing dead ones
+    pruner = get_pruner("sparsegpt", block_size=16, dampening=0.0)
+    pruned = pruner.prune(weight, _stats(pruner, x), LayerTarget(0.5))
+    assert torch.isfinite(pruned).all()
+    assert "not positive definite" in caplog.text
+
+
+def test_input_statistics_accumulate_over_batches():
+    _, x = _layer_data(5)
+    stats = InputNorms(x.shape[1])
+    for part in x.chunk(3):
+        stats.add_batch(part)
+    torch.testing.assert_close(stats.norms, x.norm(dim=0), rtol=1e-5, atol=1e-5)
+    hessian = get_pruner("sparsegpt").new_statistics(x.shape[1])
+    for part in x.chunk(3):
+        hessian.add_batch(part)
+    torch.testing.assert_close(hessian.hessian, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-4)

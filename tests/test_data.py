@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from optimum_msp.data import (
+    calibration_windows, evaluation_windows, load_text, sample_starts, take_windows,
+)
+from optimum_msp.utils import local_data_dir
+
+
+class CharTokenizer:
+    """One token per character: enough to test windowing without a real vocabulary."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False, verbose=False):
+        class Out:
+            input_ids = torch.tensor([[ord(c) % 97 for c in text]])
+
+        return Out()
+
+
+def test_windows_are_seeded_and_in_range():
+    a = sample_starts(1000, 8, 64, seed=0)
+    assert a == sample_starts(1000, 8, 64, seed=0)
+    assert a != sample_starts(1000, 8, 64, seed=1)
+    assert all(0 <= s <= 1000 - 64 for s in a)
+
+
+def test_disjoint_windows_avoid_excluded_ones():
+    calibration = sample_starts(10_000, 8, 100, seed=0)
+    fitness = sample_starts(10_000, 8, 100, seed=1, exclude=calibration)
+    for f in fitness:
+        assert all(abs(f - c) >= 100 for c in calibration)
+    assert all(abs(a - b) >= 100 for i, a in enumerate(fitness) for b in fitness[i + 1:])
+
+
+def test_text_shorter_than_one_window_is_an_error(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("too short\n")
+    with pytest.raises(ValueError, match="shorter than one window"):
+        calibration_windows(CharTokenizer(), str(path), num_samples=2, seqlen=64)
+
+
+def test_local_text_and_jsonl_files(tmp_path):
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("line one\nline two\n\nline four\n")
+    assert load_text(str(txt)) == "line one\nline two\n\nline four"
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert load_text(str(jsonl)) == "a\n\nb"
+    windows = calibration_windows(CharTokenizer(), str(txt), num_samples=3, seqlen=5, seed=0)
+    assert windows.shape == (3, 5)
+
+
+def test_unknown_dataset_and_missing_file():
+    with pytest.raises(ValueError, match="Unknown dataset"):
+        load_text("imagenet")
+    with pytest.raises(FileNotFoundError):
+        load_text("/nonexistent/corpus.txt")
+
+
+def test_evaluation_windows_drop_remainder():
+    ids = torch.arange(105).unsqueeze(0)
+    windows = evaluation_windows(ids, 10)
+    assert windows.shape == (10, 10) and windows[-1, -1] == 99
+    assert evaluation_windows(ids, 10, max_windows=3).shape == (3, 10)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        evaluation_windows(ids, 200)
+
+
+@pytest.mark.skipif(local_data_dir() is None, reason="no local data folder (../shared/data)")
+def test_local_wikitext_is_the_raw_file():
+    text = load_text("wikitext2", "test")
+    raw = (local_data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text()
+    assert text == raw.rstrip("\n") or text == raw
+
+
+def test_data_dir_env_var(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPTIMUM_MSP_DATA_DIR", str(tmp_path))
+    assert local_data_dir() == tmp_path
+    monkeypatch.setenv("OPTIMUM_MSP_DATA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="OPTIMUM_MSP_DATA_DIR"):
+        local_data_dir()

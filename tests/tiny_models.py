@@ -1,0 +1,56 @@
+"""Tiny randomly initialised causal LMs of several architectures, built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+VOCAB = 96
+
+_CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "gemma": dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16),
+    "opt": dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                word_embed_proj_dim=64, max_position_embeddings=128),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128),
+}
+
+ARCHITECTURES = sorted(_CONFIGS)
+#: a fast subset for the heavier end-to-end tests (one rotary decoder, one with Conv1D and learned positions)
+CORE_ARCHITECTURES = ["llama", "gpt2"]
+
+
+def tiny_config(arch: str):
+    from transformers import AutoConfig
+
+    kwargs = dict(_CONFIGS[arch])
+    model_type = kwargs.pop("model_type")
+    return AutoConfig.for_model(model_type, vocab_size=VOCAB, **kwargs)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # Random init gives near-identical weight scales; spread them so masks and scores are not degenerate.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(1.0 + torch.rand_like(parameter))
+    return model
+
+
+def calibration_ids(samples: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (samples, seqlen), generator=generator)
