@@ -6,6 +6,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tiny_models / hub_server helpers
 
+from hub_server import fake_hub  # noqa: E402,F401  (loopback Hub fixture)
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
