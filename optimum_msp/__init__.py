@@ -5,8 +5,10 @@ import logging
 from .configuration import MSPConfig
 from .plan import LayerTarget, PlanError, SparsityPlan
 from .pruner import MSPPruner
+from .integrations import transformers as _transformers_integration  # noqa: F401  (registers "msp")
+from .integrations.trainer import SparsityPreservingCallback
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0.dev0"
-__all__ = ["LayerTarget", "MSPConfig", "MSPPruner", "PlanError", "SparsityPlan"]
+__all__ = ["LayerTarget", "MSPConfig", "MSPPruner", "PlanError", "SparsityPlan", "SparsityPreservingCallback"]

@@ -8,7 +8,7 @@ set in total (data-free pruners skip both).
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -59,3 +59,19 @@ def apply_targets(
             achieved[name] = prune_layer(module, pruner, stats[name], targets[name])
         del stats
     return achieved
+
+
+@torch.no_grad()
+def dense_statistics(
+    runner: BlockRunner, layers: List[Dict[str, nn.Module]], calibration: torch.Tensor, make_stats,
+    batch_size: int = 1, desc: str = "Dense statistics",
+) -> Iterator[Tuple[int, Dict[str, object]]]:
+    """Yield ``(block index, {layer: input statistics})`` of the *unpruned* model, block by block.
+
+    Allocators (OWL, MSP) look at the dense model; the caller keeps only what it needs per block, so
+    memory stays at one block's activations plus what the caller retains.
+    """
+    inputs = runner.capture(calibration, batch_size)
+    for index, _block in runner.walk(inputs, desc=desc):
+        if layers[index]:
+            yield index, forward_with_statistics(runner, index, inputs, layers[index], make_stats)

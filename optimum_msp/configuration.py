@@ -58,7 +58,17 @@ class MSPConfig(QuantizationConfigMixin):
         batch_size: calibration windows per forward pass.
         block_size / dampening: SparseGPT's column block and relative Hessian dampening.
         owl_threshold / owl_lambda: OWL's outlier multiplier and the +-range of layer sparsities.
+        granularity: what one allocation level covers: ``"block"`` (all targeted linears of a decoder block)
+            or ``"layer"`` (each linear on its own).
+        max_deviation: non-uniform allocations keep every unit within target +- this sparsity.
+        level_step: spacing of the unstructured sparsity levels (mixed N:M moves one N at a time).
+        max_layer_sparsity: no unit is pruned beyond this.
+        fisher_samples: calibration windows whose per-sequence gradients give the Fisher trace.
+        fitness: MSP search objective on held-out calibration text: ``"kl"`` (KL divergence to the dense
+            model's next-token distribution) or ``"ppl"`` (mean next-token NLL of the pruned model).
+        fitness_samples / fitness_seqlen: windows the fitness is measured on (disjoint from calibration).
         population_size / generations: the MSP evolutionary search budget.
+        search_checkpoint: file where the search saves each generation and resumes from.
     """
 
     method: str = "wanda"
@@ -79,8 +89,17 @@ class MSPConfig(QuantizationConfigMixin):
     dampening: float = 0.01
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
+    granularity: str = "block"
+    max_deviation: float = 0.2
+    level_step: float = 0.025
+    max_layer_sparsity: float = 0.95
+    fisher_samples: int = 8
+    fitness: str = "kl"
+    fitness_samples: int = 4
+    fitness_seqlen: int = 512
     population_size: int = 16
     generations: int = 20
+    search_checkpoint: Optional[str] = None
     quant_method: str = QUANT_METHOD
 
     def __post_init__(self):
@@ -123,7 +142,16 @@ class MSPConfig(QuantizationConfigMixin):
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must lie in [0, 1) (0.5 = half the weights removed), got {self.sparsity}.")
         self.sparsity = float(self.sparsity)
-        for name in ("num_calibration_samples", "seqlen", "batch_size", "block_size", "population_size"):
+        if self.granularity not in ("block", "layer"):
+            raise ValueError(f"granularity must be 'block' or 'layer', got {self.granularity!r}.")
+        if self.fitness not in ("kl", "ppl"):
+            raise ValueError(f"fitness must be 'kl' or 'ppl', got {self.fitness!r}.")
+        if not 0.0 <= self.max_deviation < 1.0 or not 0.0 < self.level_step < 1.0:
+            raise ValueError("max_deviation must lie in [0, 1) and level_step in (0, 1).")
+        if not self.sparsity <= self.max_layer_sparsity <= 1.0:
+            raise ValueError(f"max_layer_sparsity must lie in [sparsity, 1], got {self.max_layer_sparsity}.")
+        for name in ("num_calibration_samples", "seqlen", "batch_size", "block_size", "population_size",
+                     "fisher_samples", "fitness_samples", "fitness_seqlen"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")

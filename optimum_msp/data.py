@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -79,13 +79,13 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 
 def sample_starts(
-    total: int, num_samples: int, seqlen: int, seed: int, exclude: Optional[List[int]] = None
+    total: int, num_samples: int, seqlen: int, seed: int, exclude: Optional[List[Tuple[int, int]]] = None
 ) -> List[int]:
     """Start positions of ``num_samples`` random ``seqlen`` windows in a text of ``total`` tokens.
 
-    Drawn as Wanda/SparseGPT do (uniform over the text, seeded). With ``exclude`` (starts of windows to
-    stay disjoint from, e.g. the calibration windows when drawing fitness windows), the drawn windows
-    overlap neither those nor each other.
+    Drawn as Wanda/SparseGPT do (uniform over the text, seeded). With ``exclude`` (``(start, length)``
+    spans to stay disjoint from, e.g. the calibration windows when drawing fitness windows), the drawn
+    windows overlap neither those spans nor each other.
     """
     if total < seqlen + 1:
         raise ValueError(
@@ -97,12 +97,12 @@ def sample_starts(
     taken = None if exclude is None else list(exclude)
     for _ in range(1000 * num_samples):
         if len(starts) == num_samples:
-            return starts
+            break
         start = int(torch.randint(0, total - seqlen, (1,), generator=generator))
         if taken is not None:
-            if any(abs(start - other) < seqlen for other in taken):
+            if any(start < other + length and other < start + seqlen for other, length in taken):
                 continue
-            taken.append(start)
+            taken.append((start, seqlen))
         starts.append(start)
     if len(starts) < num_samples:
         raise ValueError(f"Cannot fit {num_samples} disjoint windows of {seqlen} tokens in {total} tokens of text.")

@@ -61,10 +61,11 @@ class MSPPruner:
         )
 
     def prune(self, config: Optional[MSPConfig] = None, calibration: Optional[torch.Tensor] = None,
-              **config_kwargs) -> nn.Module:
+              fitness_ids: Optional[torch.Tensor] = None, **config_kwargs) -> nn.Module:
         """Prune the model in place and return it; the plan lands in ``model.config.sparsity_plan``.
 
-        ``calibration`` ([samples, seqlen] token ids) overrides the dataset named in the config.
+        ``calibration`` ([samples, seqlen] token ids) overrides the dataset named in the config;
+        ``fitness_ids`` the held-out windows of the MSP search (drawn from the calibration text otherwise).
         """
         if config is None:
             config = MSPConfig(**config_kwargs)
@@ -85,7 +86,7 @@ class MSPPruner:
             )
         if calibration is None and (pruner.needs_calibration or allocator.needs_calibration):
             calibration = self.calibration(config)
-        context = AllocationContext(self.model, config, layers, calibration, runner)
+        context = AllocationContext(self.model, config, layers, calibration, runner, self.tokenizer, fitness_ids)
         targets = allocator.fn(context)
         allocated = time.perf_counter()
         achieved = apply_targets(runner, layers, targets, pruner, calibration, config.batch_size)
@@ -124,11 +125,18 @@ class MSPPruner:
         return self.model
 
     # -------------------------------------------------------------------------------------------- save
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> Path:
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], compact: bool = False, **kwargs) -> Path:
         """Atomically write weights (safetensors), ``config.json`` with the plan, ``msp_config.json`` and the
-        tokenizer: the folder appears complete or not at all."""
+        tokenizer: the folder appears complete or not at all.
+
+        ``compact=True`` stores pruned layers as kept values + bitmask / N:M indices (about 0.56x the dense size
+        at 50 % in bf16, 0.31x at 75 %); loading it needs ``optimum_msp`` imported. See
+        :mod:`optimum_msp.integrations.compact`.
+        """
+        from .integrations.compact import save_pruned
+
         with atomic_directory(save_directory) as staging:
-            self.model.save_pretrained(staging, **kwargs)
+            save_pruned(self.model, staging, compact=compact, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
             if self.config is not None:

@@ -29,6 +29,8 @@ class AllocationContext:
     layers: List[Dict[str, nn.Module]]  # per decoder block: full name -> linear module
     calibration: Optional[torch.Tensor] = None  # [samples, seqlen] token ids, when the run has data
     runner: Any = None  # the BlockRunner of the model
+    tokenizer: Any = None
+    fitness_ids: Optional[torch.Tensor] = None  # held-out windows for search fitness (default: drawn)
     extras: Dict[str, Any] = field(default_factory=dict)  # what allocators hand back (sensitivities, search)
 
     @property

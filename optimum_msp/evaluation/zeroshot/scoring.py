@@ -132,7 +132,10 @@ class LoglikelihoodScorer:
     def _batches_of_groups(self, groups):
         batch, rows = [], 0
         for group in groups:
-            if batch and rows + len(group[1]) > self.batch_size:
+            # A sliding window is applied on cache positions, which the padding hole of a shorter context
+            # would shift: such models get one context per batch (no hole).
+            full = rows + len(group[1]) > self.batch_size or self._sliding_window is not None
+            if batch and full:
                 yield batch
                 batch, rows = [], 0
             batch.append(group)

@@ -1,0 +1,110 @@
+"""Uniform-allocation baselines on the bundled SmolLM2-135M (issue: foundation).
+
+Protocol (shared/DESIGN.md): WikiText-2 raw test, seqlen 2048; calibration 32 random 2048-token windows
+of WikiText-2 raw validation, seed 0. Sweeps report PPL on the first 16 test windows; rows given with
+--full use the whole test split (148 windows). Each row runs in its own process (its own peak RSS) and
+is appended to bench/results/baselines.jsonl; the table is printed from that file.
+
+    python bench/baselines.py --threads 1                      # every row, 16-window PPL
+    python bench/baselines.py --threads 1 --rows wanda:0.5 --full   # one row on the full split
+    python bench/baselines.py --table                           # print the table of what has run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (  # noqa: E402
+    RESULTS, append_result, markdown_table, peak_rss_mb, read_results, run_isolated, set_threads,
+    timed_block_forward,
+)
+
+PATTERNS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
+METHODS = ["wanda", "sparsegpt", "magnitude"]
+DEFAULT_ROWS = ["dense"] + [f"{m}:{p}" for p in ("0.5", "2:4") for m in METHODS] + [
+    f"{m}:{p}" for p in ("0.7", "0.6", "4:8") for m in METHODS
+]
+OUT = RESULTS / "baselines.jsonl"
+COLUMNS = ["method", "pattern", "eval_windows", "ppl", "achieved_sparsity", "prune_s", "block_forward_s",
+           "prune/forward", "peak_rss_mb", "threads"]
+
+
+def run_row(row: str, args) -> None:
+    import torch
+
+    from optimum_msp import MSPConfig, MSPPruner
+    from optimum_msp.data import calibration_windows
+    from optimum_msp.evaluation import evaluation_ids, perplexity
+
+    set_threads(args.threads)
+    pruner = MSPPruner.from_pretrained(args.model)
+    windows = None if args.full else args.eval_windows
+    result = {"row": row, "model": args.model, "threads": args.threads, "eval_windows": windows or "all (148)"}
+    if row != "dense":
+        method, pattern = row.split(":", 1)
+        config = MSPConfig(method=method, **({"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)}))
+        calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=0)
+        if method != "magnitude" and not args.skip_forward:
+            result["block_forward_s"] = timed_block_forward(pruner.model, calibration)
+        started = time.perf_counter()
+        pruner.prune(config, calibration=calibration if method != "magnitude" else None)
+        result["prune_s"] = time.perf_counter() - started
+        if "block_forward_s" in result:
+            result["prune/forward"] = result["prune_s"] / result["block_forward_s"]
+        result.update(method=method, pattern=pattern, achieved_sparsity=pruner.plan.achieved_sparsity)
+    else:
+        result.update(method="dense", pattern="-", achieved_sparsity=0.0)
+    ids = evaluation_ids(pruner.tokenizer, "wikitext2", "test")
+    started = time.perf_counter()
+    result["ppl"] = perplexity(pruner.model, input_ids=ids, seqlen=2048, max_windows=windows)
+    result["eval_s"] = time.perf_counter() - started
+    result["peak_rss_mb"] = peak_rss_mb()
+    append_result(Path(args.output), result)
+
+
+def print_table(path: Path) -> None:
+    rows = read_results(path)
+    print(markdown_table(rows, COLUMNS))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, help="dense, or method:sparsity / method:N:M")
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--full", action="store_true", help="evaluate on the whole test split")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-forward", action="store_true", help="do not time the reference forward pass")
+    parser.add_argument("--output", default=str(OUT))
+    parser.add_argument("--table", action="store_true", help="only print the table of recorded rows")
+    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.table:
+        return print_table(Path(args.output))
+    if args.single:
+        return run_row(args.single, args)
+    passthrough = _strip_rows(sys.argv[1:])
+    for row in args.rows:
+        run_isolated(__file__, [*passthrough, "--single", row])
+    print_table(Path(args.output))
+
+
+def _strip_rows(argv):
+    out, skip = [], False
+    for item in argv:
+        if item == "--rows":
+            skip = True
+            continue
+        if skip and not item.startswith("--"):
+            continue
+        skip = False
+        out.append(item)
+    return out
+
+
+if __name__ == "__main__":
+    main()

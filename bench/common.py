@@ -1,0 +1,70 @@
+"""Shared helpers of the benchmark scripts (not part of the library)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def append_result(path: Path, row: Dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def read_results(path: Path) -> List[Dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_isolated(script: str, args: Iterable[str]) -> int:
+    """Run one benchmark row in a fresh process so its peak RSS is its own."""
+    return subprocess.call([sys.executable, script, *args])
+
+
+def timed_block_forward(model, calibration: torch.Tensor, block_name=None) -> float:
+    """Seconds for one forward pass of the calibration set through the decoder blocks (the unit the
+    prune cost is compared to): capture the first block's inputs, then run every block."""
+    from optimum_msp.modeling.sequential import BlockRunner
+
+    runner = BlockRunner(model, block_name)
+    started = time.perf_counter()
+    inputs = runner.capture(calibration)
+    for index in range(len(runner.blocks)):
+        runner.advance(index, inputs)
+    return time.perf_counter() - started
+
+
+def markdown_table(rows: List[Dict], columns: List[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -1,0 +1,130 @@
+"""Fisher-trace sensitivity and the ``fisher`` allocator.
+
+The empirical Fisher information of a unit is estimated by its trace: the sum, over calibration
+sequences, of the squared gradient of that sequence's LM loss with respect to the unit's weights
+(per-sequence gradients, not the square of the batch gradient). Gradients are reduced to one scalar per
+layer as soon as they are accumulated and then freed, so no optimizer state or full gradient set is kept.
+Results are cached on disk, keyed by model weights, data and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from ..utils.paths import cache_dir
+from .base import Allocation, AllocationContext, register_allocator
+from .levels import LevelSpace
+
+logger = logging.getLogger(__name__)
+
+
+def _fingerprint(model: nn.Module, layers: Dict[str, nn.Module], ids: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    digest.update(str(getattr(model.config, "_name_or_path", "")).encode())
+    digest.update(ids.cpu().numpy().tobytes())
+    for name, module in layers.items():
+        weight = module.weight.detach()
+        digest.update(name.encode())
+        digest.update(f"{weight.double().sum().item():.10e}|{weight.double().abs().sum().item():.10e}".encode())
+    return digest.hexdigest()[:24]
+
+
+def fisher_traces(
+    model: nn.Module, layers: Dict[str, nn.Module], ids: torch.Tensor, use_cache: bool = True
+) -> Dict[str, float]:
+    """Empirical Fisher trace of every layer in ``layers`` over the sequences of ``ids`` ([n, seqlen])."""
+    key = _fingerprint(model, layers, ids)
+    path = cache_dir() / "fisher" / f"{key}.json"
+    if use_cache and path.is_file():
+        logger.info("Fisher traces read from cache %s", path)
+        return json.loads(path.read_text())
+
+    traces = {name: 0.0 for name in layers}
+    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    handles = []
+    was_training = model.training
+    try:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for name, module in layers.items():
+            module.weight.requires_grad_(True)
+
+            def reduce(parameter, name=name):
+                traces[name] += float(parameter.grad.float().pow(2).sum())
+                parameter.grad = None  # free it now: one scalar per layer is all we keep
+
+            handles.append(module.weight.register_post_accumulate_grad_hook(reduce))
+        model.eval()
+        device = model.get_input_embeddings().weight.device
+        for row in hf_logging.tqdm(range(ids.shape[0]), desc="Fisher trace",
+                                   disable=not hf_logging.is_progress_bar_enabled()):
+            sequence = ids[row : row + 1].to(device)
+            loss = model(input_ids=sequence, labels=sequence, use_cache=False).loss
+            loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+            parameter.grad = None
+        model.train(was_training)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(traces))
+        temporary.replace(path)
+    return traces
+
+
+def context_sensitivities(context: AllocationContext) -> Dict[str, float]:
+    """Fisher traces for the context's layers (computed once per allocation run)."""
+    if "layer_sensitivity" not in context.extras:
+        if context.calibration is None:
+            raise ValueError("Fisher sensitivity needs calibration data.")
+        layers = {name: module for block in context.layers for name, module in block.items()}
+        ids = context.calibration[: context.config.fisher_samples]
+        traces = fisher_traces(context.model, layers, ids)
+        context.extras["layer_sensitivity"] = traces
+        blocks = {}
+        for index, block in enumerate(context.layers):
+            if block:
+                blocks[str(index)] = sum(traces[name] for name in block)
+        context.extras["block_sensitivity"] = blocks
+    return context.extras["layer_sensitivity"]
+
+
+def sensitivity_sparsities(space: LevelSpace, traces: Dict[str, float], target: float,
+                           deviation: float) -> List[float]:
+    """Continuous per-unit sparsities: units with a higher Fisher trace per weight keep more weights.
+
+    Per-weight sensitivity is compared on a log scale (traces span orders of magnitude across depth),
+    mapped linearly onto [target + deviation (least sensitive), target - deviation (most sensitive)].
+    """
+    scores = []
+    for unit, numel in zip(space.units, space.numels):
+        per_weight = sum(traces[name] for name in unit) / numel
+        scores.append(math.log(max(per_weight, 1e-30)))
+    low, high = min(scores), max(scores)
+    span = high - low if high > low else 1.0
+    return [target + deviation * (1.0 - 2.0 * (score - low) / span) for score in scores]
+
+
+def fisher_genome(context: AllocationContext, space: LevelSpace):
+    traces = context_sensitivities(context)
+    config = context.config
+    return space.quantize(sensitivity_sparsities(space, traces, config.sparsity, config.max_deviation))
+
+
+@register_allocator("fisher", needs_calibration=True)
+def fisher(context: AllocationContext) -> Allocation:
+    """Sensitivity-driven allocation: more sensitive units (higher Fisher trace per weight) keep more."""
+    space = LevelSpace.build(context.config, context.layers, context.numels)
+    return space.targets(fisher_genome(context, space))

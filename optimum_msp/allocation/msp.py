@@ -1,0 +1,87 @@
+"""The ``msp`` allocator: Fisher-seeded evolutionary search of per-unit sparsity levels."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..apply import dense_statistics
+from ..data import calibration_text_ids, sample_starts, take_windows
+from ..pruners import get_pruner
+from .base import Allocation, AllocationContext, register_allocator
+from .fisher import fisher_genome
+from .levels import LevelSpace
+from .search import EvolutionarySearch, FitnessEvaluator, WeightBank
+
+logger = logging.getLogger(__name__)
+
+
+def fitness_windows(context: AllocationContext) -> torch.Tensor:
+    """Held-out windows for the search's fitness: from the calibration text, disjoint from the windows
+    the pruning statistics use, never from an evaluation split."""
+    if context.fitness_ids is not None:
+        return context.fitness_ids
+    config = context.config
+    if context.tokenizer is None:
+        raise ValueError("The MSP search needs held-out fitness windows: give the pruner a tokenizer, or fitness_ids=.")
+    ids = calibration_text_ids(context.tokenizer, config.calibration_dataset, config.calibration_split)
+    calibration = sample_starts(ids.shape[1], config.num_calibration_samples, config.seqlen, config.seed)
+    starts = sample_starts(ids.shape[1], config.fitness_samples, config.fitness_seqlen, config.seed + 1,
+                           exclude=[(start, config.seqlen) for start in calibration])
+    return take_windows(ids, starts, config.fitness_seqlen)
+
+
+@register_allocator("msp", needs_calibration=True)
+def msp(context: AllocationContext) -> Allocation:
+    config = context.config
+    space = LevelSpace.build(config, context.layers, context.numels)
+    started = time.perf_counter()
+    seed_genome = fisher_genome(context, space)
+    fisher_done = time.perf_counter()
+
+    pruner = get_pruner(config.method, block_size=config.block_size, dampening=config.dampening)
+    stats = {}
+    if pruner.needs_calibration:
+        for _index, block_stats in dense_statistics(context.runner, context.layers, context.calibration,
+                                                    pruner.new_statistics, config.batch_size):
+            stats.update(block_stats)
+    modules = {name: module for block in context.layers for name, module in block.items()}
+    bank = WeightBank(pruner, modules, stats)
+    try:
+        evaluator = FitnessEvaluator(context.runner, space, bank, fitness_windows(context), config.fitness,
+                                     config.batch_size)
+        search_started = time.perf_counter()
+        search = EvolutionarySearch(
+            space, evaluator, seed_genome, config.population_size, config.generations, config.seed,
+            checkpoint=config.search_checkpoint,
+            settings={"method": config.method, "sparsity": config.sparsity, "pattern": config.pattern,
+                      "fitness": config.fitness, "units": len(space)},
+        )
+        best = search.run()
+        search_seconds = time.perf_counter() - search_started
+    finally:
+        bank.restore()
+    fitness = search.state.fitness
+    context.extras["search"] = {
+        "fitness": config.fitness,
+        "generations": config.generations,
+        "population_size": config.population_size,
+        "seed": config.seed,
+        "granularity": config.granularity,
+        "best_fitness": fitness[best],
+        "fisher_fitness": fitness.get(seed_genome),
+        "uniform_fitness": fitness.get(space.uniform()),
+        "history": search.state.history,
+        "evaluations": len(fitness),
+        "evaluations_this_run": search.new_evaluations,
+        "fisher_seconds": round(fisher_done - started, 2),
+        "search_seconds": round(search_seconds, 2),
+        "blocks_run": evaluator.blocks_run,
+        "levels": [space.sparsity(s) for s in best],
+    }
+    logger.info("MSP search: best %s fitness %.5f (Fisher seed %.5f, uniform %s) after %d evaluations in %.0fs",
+                config.fitness, fitness[best], fitness[seed_genome], fitness.get(space.uniform()), len(fitness),
+                search_seconds)
+    return space.targets(best)

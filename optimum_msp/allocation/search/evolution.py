@@ -1,0 +1,208 @@
+"""Pruning-oriented evolutionary search over per-unit levels with an exactly held sparsity budget.
+
+* Genome: one integer level per unit (see :class:`~optimum_msp.allocation.levels.LevelSpace`).
+* Initial population: the Fisher allocation, the uniform plan, and perturbations of the Fisher plan.
+* Each generation keeps the ``elite`` best, then breeds children from tournament-selected parents:
+  one-point crossover (the child keeps parent A's levels up to the cut, so its cached hidden states are
+  reused) followed by a budget repair behind the cut, and mutation by budget-preserving moves (one unit
+  one level sparser, another unit of the same size one level denser). Every genome is feasible, so the
+  global sparsity never drifts.
+* No genome is evaluated twice; randomness is drawn per generation from ``(seed, generation)``, and the
+  state is saved after every generation, so an interrupted search resumes to the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from transformers.utils import logging as hf_logging
+
+from ..levels import Genome, LevelSpace
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchState:
+    generation: int = 0  # generations completed
+    population: List[Genome] = field(default_factory=list)
+    fitness: Dict[Genome, float] = field(default_factory=dict)
+    history: List[float] = field(default_factory=list)  # best fitness after each generation
+
+    def to_json(self, settings: dict) -> str:
+        return json.dumps({
+            "settings": settings, "generation": self.generation,
+            "population": [list(g) for g in self.population],
+            "fitness": [[list(g), f] for g, f in self.fitness.items()],
+            "history": self.history,
+        })
+
+    @classmethod
+    def from_json(cls, text: str, settings: dict) -> Optional["SearchState"]:
+        data = json.loads(text)
+        if data.get("settings") != settings:
+            return None
+        return cls(data["generation"], [tuple(g) for g in data["population"]],
+                   {tuple(g): f for g, f in data["fitness"]}, list(data["history"]))
+
+
+class EvolutionarySearch:
+    def __init__(
+        self,
+        space: LevelSpace,
+        fitness: Callable[[Genome], float],
+        seed_genome: Genome,
+        population_size: int = 16,
+        generations: int = 20,
+        seed: int = 0,
+        elite: int = 2,
+        tournament: int = 3,
+        crossover_rate: float = 0.7,
+        checkpoint: Optional[str] = None,
+        settings: Optional[dict] = None,
+    ):
+        if population_size < 2:
+            raise ValueError("population_size must be at least 2.")
+        self.space = space
+        self.fitness_fn = fitness
+        self.seed_genome = tuple(seed_genome)
+        self.population_size = population_size
+        self.generations = generations
+        self.seed = seed
+        self.elite = min(elite, population_size - 1)
+        self.tournament = tournament
+        self.crossover_rate = crossover_rate
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.settings = dict(settings or {}, population_size=population_size, seed=seed,
+                             seed_genome=list(self.seed_genome))
+        self.state = SearchState()
+        self.new_evaluations = 0
+
+    # ------------------------------------------------------------------------------------------ moves
+    def _rng(self, generation: int) -> random.Random:
+        return random.Random(self.seed * 1_000_003 + generation)
+
+    def mutate(self, genome: Genome, rng: random.Random, moves: int = 1) -> Genome:
+        """Budget-preserving moves: one unit one level up, another of the same group one level down."""
+        genes = list(genome)
+        space = self.space
+        for _ in range(moves):
+            for _attempt in range(50):
+                up = rng.randrange(len(genes))
+                mates = [i for i in range(len(genes)) if i != up and space.group_of[i] == space.group_of[up]]
+                if not mates:
+                    break
+                down = rng.choice(mates)
+                if genes[up] < space.upper[up] and genes[down] > space.lower[down]:
+                    genes[up] += 1
+                    genes[down] -= 1
+                    break
+        return tuple(genes)
+
+    def crossover(self, a: Genome, b: Genome, rng: random.Random) -> Genome:
+        """One-point crossover; the part behind the cut is repaired to the budget."""
+        cut = rng.randrange(1, len(a)) if len(a) > 1 else 0
+        child = list(a[:cut]) + list(b[cut:])
+        space = self.space
+        for group_id, total in space.group_sums.items():
+            members = [i for i in range(cut, len(child)) if space.group_of[i] == group_id]
+            excess = sum(child[i] for i in range(len(child)) if space.group_of[i] == group_id) - total
+            while excess != 0 and members:
+                movable = [i for i in members if (child[i] > space.lower[i] if excess > 0 else child[i] < space.upper[i])]
+                if not movable:
+                    break
+                i = rng.choice(movable)
+                child[i] += -1 if excess > 0 else 1
+                excess += -1 if excess > 0 else 1
+            if excess != 0:
+                return a  # cannot repair behind this cut: keep parent A
+        return tuple(child)
+
+    def _select(self, ranked: Sequence[Genome], rng: random.Random) -> Genome:
+        contenders = [rng.randrange(len(ranked)) for _ in range(self.tournament)]
+        return ranked[min(contenders)]  # ranked best first
+
+    # ---------------------------------------------------------------------------------------- running
+    def _evaluate(self, population: Sequence[Genome]) -> None:
+        for genome in population:
+            if genome not in self.state.fitness:
+                self.state.fitness[genome] = self.fitness_fn(genome)
+                self.new_evaluations += 1
+
+    def _ranked(self, population: Sequence[Genome]) -> List[Genome]:
+        return sorted(set(population), key=lambda g: (self.state.fitness[g], g))
+
+    def initial_population(self) -> List[Genome]:
+        rng = self._rng(-1)
+        population = [self.seed_genome]
+        uniform = self.space.uniform()
+        if uniform not in population:
+            population.append(uniform)
+        attempts = 0
+        while len(population) < self.population_size and attempts < 100 * self.population_size:
+            attempts += 1
+            child = self.mutate(self.seed_genome, rng, moves=rng.randint(1, max(1, len(self.space) // 4)))
+            if child not in population:
+                population.append(child)
+        return population
+
+    def _save(self) -> None:
+        if self.checkpoint is None:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
+        temporary.write_text(self.state.to_json(self.settings))
+        os.replace(temporary, self.checkpoint)
+
+    def _resume(self) -> bool:
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return False
+        state = SearchState.from_json(self.checkpoint.read_text(), self.settings)
+        if state is None:
+            logger.warning("Search checkpoint %s was made with other settings; starting afresh.", self.checkpoint)
+            return False
+        self.state = state
+        logger.info("Resuming the search from generation %d (%s)", state.generation, self.checkpoint)
+        return True
+
+    def run(self) -> Genome:
+        if not self._resume():
+            self.state = SearchState(population=self.initial_population())
+            self._evaluate(self.state.population)
+            self._save()
+        progress = hf_logging.tqdm(total=self.generations, initial=self.state.generation, desc="MSP search",
+                                   disable=not hf_logging.is_progress_bar_enabled())
+        while self.state.generation < self.generations:
+            generation = self.state.generation
+            rng = self._rng(generation)
+            ranked = self._ranked(self.state.population)
+            next_population = list(ranked[: self.elite])
+            attempts = 0
+            while len(next_population) < self.population_size and attempts < 50 * self.population_size:
+                attempts += 1
+                a = self._select(ranked, rng)
+                child = self.crossover(a, self._select(ranked, rng), rng) if rng.random() < self.crossover_rate else a
+                child = self.mutate(child, rng, moves=rng.randint(1, 2))
+                if child in next_population or child in self.state.fitness:
+                    continue  # never evaluate a genome twice
+                next_population.append(child)
+            self._evaluate(next_population)
+            self.state.population = next_population
+            self.state.generation += 1
+            best = self._ranked(next_population)[0]
+            self.state.history.append(self.state.fitness[best])
+            self._save()
+            progress.update(1)
+            progress.set_postfix(best=f"{self.state.fitness[best]:.4f}")
+        progress.close()
+        return self.best
+
+    @property
+    def best(self) -> Genome:
+        return min(self.state.fitness, key=lambda g: (self.state.fitness[g], g))

@@ -1,0 +1,299 @@
+"""Compact checkpoints: pruned weights stored as their kept values plus a packed bitmask or N:M indices.
+
+A compact checkpoint is an ordinary ``save_pretrained`` folder (``config.json`` with the ``sparsity_plan``,
+``model.safetensors`` or shards, generation config) in which every pruned layer's ``weight`` is replaced by:
+
+``<layer>.weight``
+    the kept values, 1-D, in the weight's dtype;
+``<layer>.weight_msp_mask`` (encoding *bitmask*)
+    one bit per weight of the stored tensor, row-major, least significant bit first, packed in ``uint8``;
+``<layer>.weight_msp_index`` (encoding *N:M*)
+    for every group of ``M`` consecutive inputs, the positions (``ceil(log2 M)`` bits each: 2 bits for M=4,
+    3 bits for M=8) of its ``N`` value slots, packed in ``uint8``;
+``<layer>.weight_msp_meta``
+    ``int64 [encoding, dim0, dim1, n, m, transposed]``: how to rebuild the stored ``[dim0, dim1]`` tensor.
+
+Every other tensor is stored as is. For each layer the smaller of dense / bitmask / N:M is written, so a
+layer that is barely sparse stays dense. Sizes per weight: bitmask ``1 bit + (1 - s) * bits``, N:M
+``n/m * (bits + ceil(log2 m))``; in bf16 that is 0.5625x dense at 50 % and 0.3125x at 75 % (2:8: 0.297x).
+
+``config.json`` carries ``quantization_config = {"quant_method": "msp", "checkpoint_format": "compact"}``,
+which routes ``AutoModelForCausalLM.from_pretrained(folder)`` through :mod:`optimum_msp`'s quantizer once
+``optimum_msp`` is imported: each layer is decompressed tensor by tensor while loading (peak memory does not
+exceed loading the dense checkpoint), then the weights are verified against the plan. Stock transformers
+without ``optimum_msp`` cannot use a compact checkpoint and fails loudly (the kept values have the wrong shape
+for ``weight``); save without ``compact=True`` for checkpoints that must load everywhere.
+
+Zeros are restored as ``+0.0``: a pruned weight that was ``-0.0`` in memory comes back as ``+0.0`` (equal
+under ``==`` / ``torch.equal``, identical logits), every other bit is preserved.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from ..modeling.blocks import LINEAR_TYPES, weight_matrix
+from ..plan import LayerTarget, SparsityPlan
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MASK_SUFFIX = "_msp_mask"
+INDEX_SUFFIX = "_msp_index"
+META_SUFFIX = "_msp_meta"
+#: names the loader collects for one ``weight`` (the first is the kept values, or the dense weight itself)
+SERIALIZED_NAMES = ["weight", "weight" + MASK_SUFFIX, "weight" + INDEX_SUFFIX, "weight" + META_SUFFIX]
+
+BITMASK = 1
+NM = 2
+_ENCODINGS = {BITMASK: "bitmask", NM: "n:m"}
+
+
+class CompactFormatError(ValueError):
+    """A compact tensor group that cannot be decoded (corrupted or hand-edited checkpoint)."""
+
+
+# ------------------------------------------------------------------------------------------------ bit packing
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack the 1-D integer ``codes`` (each ``< 2**bits``) into ``uint8``, least significant bit first."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must lie in [1, 8], got {bits}.")
+    codes = codes.reshape(-1).to(torch.uint8)
+    stream = torch.empty(codes.numel() * bits, dtype=torch.uint8)
+    view = stream.view(-1, bits)
+    for bit in range(bits):
+        view[:, bit] = (codes >> bit) & 1
+    padding = (-stream.numel()) % 8
+    if padding:
+        stream = torch.cat([stream, stream.new_zeros(padding)])
+    stream = stream.view(-1, 8)
+    packed = torch.zeros(stream.shape[0], dtype=torch.uint8)
+    for bit in range(8):
+        packed |= stream[:, bit] << bit
+    return packed
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``count`` codes of ``bits`` bits each, as ``uint8``."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise CompactFormatError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}.")
+    if packed.numel() != math.ceil(count * bits / 8):
+        raise CompactFormatError(
+            f"expected {math.ceil(count * bits / 8)} bytes for {count} codes of {bits} bits, found {packed.numel()}."
+        )
+    stream = torch.empty(packed.numel(), 8, dtype=torch.uint8)
+    for bit in range(8):
+        stream[:, bit] = (packed >> bit) & 1
+    stream = stream.view(-1)[: count * bits].view(count, bits)
+    codes = torch.zeros(count, dtype=torch.uint8)
+    for bit in range(bits):
+        codes |= stream[:, bit] << bit
+    return codes
+
+
+def index_bits(m: int) -> int:
+    """Bits per position inside a group of ``m`` (2 for M=4, 3 for M=8)."""
+    return max(1, (m - 1).bit_length())
+
+
+# ------------------------------------------------------------------------------------------------- encodings
+def encode_bitmask(tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Kept (non-zero) values of ``tensor`` in row-major order and its packed non-zero bitmask."""
+    flat = tensor.detach().reshape(-1)
+    kept = flat != 0
+    return {"values": flat[kept].contiguous(), "mask": pack_codes(kept, 1)}
+
+
+def decode_bitmask(values: torch.Tensor, mask: torch.Tensor, shape) -> torch.Tensor:
+    numel = math.prod(shape)
+    kept = unpack_codes(mask, 1, numel).bool()
+    count = int(kept.sum())
+    if values.dim() != 1 or values.numel() != count:
+        raise CompactFormatError(f"the bitmask keeps {count} weights but {values.numel()} values are stored.")
+    dense = torch.zeros(numel, dtype=values.dtype)
+    dense[kept] = values
+    return dense.view(*shape)
+
+
+def encode_nm(matrix: torch.Tensor, n: int, m: int) -> Optional[Dict[str, torch.Tensor]]:
+    """``n`` value slots per group of ``m`` consecutive inputs of ``matrix`` ([out, in]) and their positions.
+
+    Returns ``None`` when some group holds more than ``n`` non-zeros (the layer is not ``n:m``). Slots of groups
+    with fewer non-zeros are filled with zero-valued positions; positions are ascending within a group.
+    """
+    rows, cols = matrix.shape
+    if cols % m or not 0 < n <= m:
+        return None
+    groups = matrix.detach().reshape(rows, cols // m, m)
+    nonzero = groups != 0
+    if int(nonzero.sum(dim=2).max()) > n:
+        return None
+    # non-zeros first (stable: in input order), then zeros as filler; keep n and sort the positions
+    order = torch.argsort((~nonzero).to(torch.uint8), dim=2, stable=True)[..., :n]
+    positions = order.sort(dim=2).values
+    values = groups.gather(2, positions)
+    return {"values": values.reshape(-1).contiguous(), "index": pack_codes(positions.reshape(-1), index_bits(m))}
+
+
+def decode_nm(values: torch.Tensor, index: torch.Tensor, rows: int, cols: int, n: int, m: int) -> torch.Tensor:
+    if m <= 0 or not 0 < n <= m or cols % m:
+        raise CompactFormatError(f"invalid N:M encoding {n}:{m} for a [{rows}, {cols}] matrix.")
+    slots = rows * (cols // m) * n
+    if values.dim() != 1 or values.numel() != slots:
+        raise CompactFormatError(f"{n}:{m} over [{rows}, {cols}] needs {slots} values, {values.numel()} are stored.")
+    positions = unpack_codes(index, index_bits(m), slots).long().view(rows, cols // m, n)
+    if n > 1 and not bool((positions[..., 1:] > positions[..., :-1]).all()):
+        raise CompactFormatError("N:M positions must be strictly ascending within every group.")
+    if int(positions.max()) >= m:
+        raise CompactFormatError(f"an N:M position is >= M={m}.")
+    dense = torch.zeros(rows, cols // m, m, dtype=values.dtype)
+    dense.scatter_(2, positions, values.view(rows, cols // m, n))
+    return dense.view(rows, cols)
+
+
+# ------------------------------------------------------------------------------------------------ one layer
+def encode_layer(module: nn.Module, target: Optional[LayerTarget] = None, name: str = ""
+                 ) -> Optional[Dict[str, torch.Tensor]]:
+    """The compact tensors replacing ``<module>.weight`` (suffix -> tensor), or ``None`` when dense is smaller.
+
+    Keys: ``"weight"`` (kept values) plus ``"weight_msp_mask"`` or ``"weight_msp_index"``, and
+    ``"weight_msp_meta"``.
+    """
+    weight = module.weight.detach()
+    if weight.dim() != 2 or not weight.is_floating_point():
+        return None
+    dim0, dim1 = weight.shape
+    size = weight.element_size()
+    dense_bytes = weight.numel() * size
+    nonzeros = int((weight != 0).sum())
+    candidates = {BITMASK: nonzeros * size + math.ceil(weight.numel() / 8)}
+    transposed = isinstance(module, LINEAR_TYPES[1:])  # GPT-2 Conv1D stores [in, out]
+    nm_encoded = None
+    if target is not None and target.is_nm and target.n > 0:
+        nm_encoded = encode_nm(weight_matrix(module), target.n, target.m)
+        if nm_encoded is None:
+            logger.warning("Layer %r does not follow its %s target; storing it with a bitmask.", name,
+                           target.describe())
+        else:
+            slots = nm_encoded["values"].numel()
+            candidates[NM] = slots * size + nm_encoded["index"].numel()
+    encoding = min(candidates, key=lambda e: (candidates[e], e != NM))  # ties: N:M
+    if candidates[encoding] + 48 >= dense_bytes:
+        return None
+    n = m = 0
+    if encoding == NM:
+        n, m, encoded = target.n, target.m, nm_encoded
+    else:
+        encoded, transposed = encode_bitmask(weight), False
+    meta = torch.tensor([encoding, dim0, dim1, n, m, int(transposed)], dtype=torch.int64)
+    out = {"weight": encoded["values"], "weight" + META_SUFFIX: meta}
+    if encoding == BITMASK:
+        out["weight" + MASK_SUFFIX] = encoded["mask"]
+    else:
+        out["weight" + INDEX_SUFFIX] = encoded["index"]
+    return out
+
+
+def decode_layer(tensors: Dict[str, torch.Tensor], expected_shape=None) -> torch.Tensor:
+    """Rebuild the dense stored weight from the tensors written by :func:`encode_layer`."""
+    meta = tensors.get("weight" + META_SUFFIX)
+    values = tensors.get("weight")
+    if values is None:
+        raise CompactFormatError("the kept values ('weight') are missing.")
+    if meta is None or meta.dim() != 1 or meta.numel() != 6 or meta.dtype != torch.int64:
+        raise CompactFormatError("'weight_msp_meta' must be an int64 tensor of 6 numbers.")
+    encoding, dim0, dim1, n, m, transposed = (int(x) for x in meta.tolist())
+    if encoding not in _ENCODINGS:
+        raise CompactFormatError(f"unknown encoding {encoding}; this optimum-msp knows {sorted(_ENCODINGS)}.")
+    if dim0 <= 0 or dim1 <= 0:
+        raise CompactFormatError(f"invalid shape [{dim0}, {dim1}].")
+    if expected_shape is not None and tuple(expected_shape) != (dim0, dim1):
+        raise CompactFormatError(f"stored shape [{dim0}, {dim1}] does not match the model's {list(expected_shape)}.")
+    if encoding == BITMASK:
+        mask = tensors.get("weight" + MASK_SUFFIX)
+        if mask is None:
+            raise CompactFormatError("the bitmask ('weight_msp_mask') is missing.")
+        return decode_bitmask(values, mask, (dim0, dim1))
+    index = tensors.get("weight" + INDEX_SUFFIX)
+    if index is None:
+        raise CompactFormatError("the N:M indices ('weight_msp_index') are missing.")
+    rows, cols = (dim1, dim0) if transposed else (dim0, dim1)
+    matrix = decode_nm(values, index, rows, cols, n, m)
+    return matrix.t().contiguous() if transposed else matrix
+
+
+# ----------------------------------------------------------------------------------------------- whole model
+def compact_state_dict(model: nn.Module, plan: Optional[SparsityPlan] = None) -> Dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every planned layer's weight replaced by its compact tensors."""
+    plan = plan if plan is not None else SparsityPlan.from_config(model.config)
+    if plan is None:
+        raise ValueError(
+            "save_compact needs a pruned model: model.config has no sparsity_plan. Prune it with MSPPruner (or "
+            "load it with quantization_config=MSPConfig(...)) first."
+        )
+    state_dict = model.state_dict()
+    modules = dict(model.named_modules())
+    compressed = 0
+    for name, layer in plan.layers.items():
+        module = modules.get(name)
+        key = f"{name}.weight"
+        if module is None or key not in state_dict:
+            raise ValueError(f"The sparsity plan names layer {name!r}, which this model does not have.")
+        encoded = encode_layer(module, layer.target, name)
+        if encoded is None:
+            continue
+        compressed += 1
+        for suffix, tensor in encoded.items():
+            state_dict[f"{name}.{suffix}"] = tensor
+    logger.info("Compact checkpoint: %d of %d planned layers compressed", compressed, len(plan.layers))
+    return state_dict
+
+
+def save_compact(model: nn.Module, save_directory: Union[str, os.PathLike], **save_kwargs: Any) -> Path:
+    """``model.save_pretrained(save_directory, **save_kwargs)`` with pruned layers stored compactly.
+
+    Everything ``save_pretrained`` does still applies (config, generation config, sharding with
+    ``max_shard_size``, ``push_to_hub=True``); ``config.json`` is marked ``checkpoint_format: "compact"`` so
+    that loading (with ``optimum_msp`` imported) decompresses and verifies. The model itself is not changed.
+    """
+    from .transformers import checkpoint_marker
+
+    if "state_dict" in save_kwargs:
+        raise ValueError("save_compact builds the state dict itself; do not pass state_dict=.")
+    state_dict = compact_state_dict(model)
+    config = model.config
+    missing = object()
+    previous = config.__dict__.get("quantization_config", missing)
+    config.quantization_config = checkpoint_marker("compact")
+    try:
+        model.save_pretrained(save_directory, state_dict=state_dict, **save_kwargs)
+    finally:
+        if previous is missing:
+            config.__dict__.pop("quantization_config", None)
+        else:
+            config.quantization_config = previous
+    return Path(save_directory)
+
+
+def save_pruned(model: nn.Module, save_directory: Union[str, os.PathLike], compact: bool = False,
+                **save_kwargs: Any) -> Path:
+    """Save a pruned model so that loading it with ``optimum_msp`` imported verifies it against its plan.
+
+    ``compact=False`` writes a plain dense checkpoint (loads everywhere, stock transformers included);
+    ``compact=True`` writes a :func:`save_compact` checkpoint.
+    """
+    from .transformers import mark_pruned
+
+    if compact:
+        return save_compact(model, save_directory, **save_kwargs)
+    if SparsityPlan.from_config(model.config) is not None:
+        mark_pruned(model)
+    model.save_pretrained(save_directory, **save_kwargs)
+    return Path(save_directory)

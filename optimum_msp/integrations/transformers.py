@@ -1,0 +1,346 @@
+"""``transformers`` integration: prune while loading, and verify (and decompress) pruned checkpoints on load.
+
+Importing :mod:`optimum_msp` registers the quantization method ``"msp"`` with transformers' quantizer
+registry (a config class and an :class:`~transformers.quantizers.HfQuantizer`). That gives two hooks into
+``AutoModelForCausalLM.from_pretrained``, and nothing is patched:
+
+**Prune on load.** ``from_pretrained(path, quantization_config=MSPConfig(...))`` loads the dense weights, then
+runs ``MSPPruner(model, tokenizer).prune(config)``. The calibration tokenizer is loaded from the same
+``path``; to use pre-tokenized windows (or another tokenizer) wrap the call in :func:`calibration_data`.
+
+**Verify on load.** A pruned model carries, besides its plan in ``config.sparsity_plan``, a small marker
+``config.quantization_config = {"quant_method": "msp", "checkpoint_format": "dense", "format_version": 1}``.
+With ``optimum_msp`` imported, transformers routes loading such a checkpoint through the same quantizer, which
+decompresses compact weights (``checkpoint_format: "compact"``, see :mod:`optimum_msp.integrations.compact`)
+and then checks every planned layer with :meth:`SparsityPlan.verify`: a malformed or forged plan, or weights
+that break it, raise :class:`~optimum_msp.plan.PlanError` naming the layer. Without ``optimum_msp``, stock
+transformers does not know ``"msp"``: it logs "Unknown quantization type, got msp ... we will skip the
+quantization" and loads the dense checkpoint as a plain model (the marker and the plan stay in its config).
+
+Either way the returned model is a plain dense model: the quantizer detaches itself after loading (no
+``hf_quantizer``, ``is_quantized`` unset), so it trains with ``Trainer`` (full fine-tuning), casts with
+``.to(torch.bfloat16)`` and saves with ``save_pretrained`` exactly like a model loaded without a quantizer;
+only the marker is kept so that the saved checkpoint is verified again when reloaded.
+
+Checkpoints whose config has a plan but no marker (e.g. saved by ``model.save_pretrained`` after
+``MSPPruner.prune`` without :func:`mark_pruned`) load without verification; :func:`verify_pruned` checks any
+loaded model explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Optional, Union
+
+import torch
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..configuration import QUANT_METHOD, MSPConfig
+from ..plan import CONFIG_KEY, PlanError, SparsityPlan
+from . import compact
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MSPCheckpointConfig",
+    "MSPHfQuantizer",
+    "calibration_data",
+    "checkpoint_marker",
+    "mark_pruned",
+    "register",
+    "verify_pruned",
+]
+
+CHECKPOINT_FORMATS = ("dense", "compact")
+MARKER_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------- configs
+@dataclass
+class MSPCheckpointConfig(QuantizationConfigMixin):
+    """The marker in a pruned checkpoint's ``config.json``: "verify me (and decompress me) when loading".
+
+    It is what transformers builds from ``quantization_config`` dicts with ``quant_method="msp"``; a dict
+    without ``checkpoint_format`` is an :class:`MSPConfig` (prune-on-load) instead.
+    """
+
+    checkpoint_format: str = "dense"
+    format_version: int = MARKER_VERSION
+    quant_method: str = QUANT_METHOD
+
+    def __post_init__(self):
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}.")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"quantization_config.checkpoint_format {self.checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}; "
+                "the checkpoint may need a newer optimum-msp."
+            )
+        if self.format_version != MARKER_VERSION:
+            raise ValueError(
+                f"quantization_config.format_version {self.format_version!r} is not supported (this optimum-msp reads "
+                f"{MARKER_VERSION}); upgrade optimum-msp."
+            )
+
+    @classmethod
+    def from_dict(cls, config_dict: Dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        if "checkpoint_format" not in config_dict:
+            return MSPConfig.from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(config_dict) - names
+        if unknown:
+            raise ValueError(f"Unknown keys {sorted(unknown)} in an msp quantization_config; known: {sorted(names)}.")
+        config = cls(**config_dict)
+        return (config, kwargs) if return_unused_kwargs else config
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_diff_dict(self) -> Dict[str, Any]:
+        return self.to_dict()
+
+
+def checkpoint_marker(checkpoint_format: str = "dense") -> Dict[str, Any]:
+    """The ``quantization_config`` dict written into a pruned checkpoint's ``config.json``."""
+    return MSPCheckpointConfig(checkpoint_format=checkpoint_format).to_dict()
+
+
+def mark_pruned(model_or_config: Any, checkpoint_format: str = "dense") -> None:
+    """Mark a pruned model (or its config) so that reloading its checkpoint verifies it against its plan."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if getattr(config, CONFIG_KEY, None) is None:
+        raise ValueError("mark_pruned: the config has no sparsity_plan; prune the model first.")
+    config.quantization_config = checkpoint_marker(checkpoint_format)
+
+
+def verify_pruned(model: torch.nn.Module):
+    """Verify ``model``'s weights against ``model.config.sparsity_plan`` (:class:`PlanError` naming the layer).
+
+    Returns the :class:`~optimum_msp.masks.SparsityReport`.
+    """
+    data = getattr(model.config, CONFIG_KEY, None)
+    if data is None:
+        raise PlanError(
+            f"{type(model).__name__}'s config is marked as pruned (quantization_config.quant_method='msp') but has "
+            f"no {CONFIG_KEY!r}: the checkpoint's config.json is incomplete."
+        )
+    return SparsityPlan.from_dict(data).verify(model)
+
+
+# --------------------------------------------------------------------------------------- calibration data
+_CALIBRATION: contextvars.ContextVar[Optional[Dict[str, Any]]] = contextvars.ContextVar(
+    "optimum_msp_calibration", default=None
+)
+
+
+@contextlib.contextmanager
+def calibration_data(input_ids: Optional[torch.Tensor] = None, tokenizer: Any = None) -> Iterator[None]:
+    """Calibration for prune-on-load calls made inside the block.
+
+    ``input_ids`` ([samples, seqlen] token ids) replaces the dataset named in the :class:`MSPConfig`;
+    ``tokenizer`` replaces the one loaded from the checkpoint folder (the config's dataset is still used).
+
+    >>> with calibration_data(ids):
+    ...     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=MSPConfig(method="wanda"))
+    """
+    if input_ids is None and tokenizer is None:
+        raise ValueError("calibration_data needs input_ids, a tokenizer, or both.")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError("calibration_data(input_ids=...) must be a [samples, seqlen] tensor of token ids.")
+    token = _CALIBRATION.set({"input_ids": input_ids, "tokenizer": tokenizer})
+    try:
+        yield
+    finally:
+        _CALIBRATION.reset(token)
+
+
+# ----------------------------------------------------------------------------------------------- quantizer
+class MSPHfQuantizer(HfQuantizer):
+    """Prunes after the weights are loaded (``MSPConfig``), or verifies and decompresses a pruned checkpoint.
+
+    After loading, the model is detached from this quantizer: it behaves as a plain dense model.
+    """
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._decode_errors: Dict[str, str] = {}
+
+    # -- what transformers asks ------------------------------------------------------------------------
+    @property
+    def is_compact(self) -> bool:
+        return self.pre_quantized and getattr(self.quantization_config, "checkpoint_format", None) == "compact"
+
+    def validate_environment(self, device_map=None, **kwargs):
+        if not self.pre_quantized and isinstance(device_map, dict) and {"disk", "meta"} & set(device_map.values()):
+            raise ValueError("Pruning while loading needs every weight in memory: drop disk offloading from device_map.")
+
+    @property
+    def serialized_names(self) -> Dict[str, list]:  # read by the base class (converters, parallel plans)
+        return {"weight": list(compact.SERIALIZED_NAMES)} if self.is_compact else {}
+
+    def get_load_operations(self) -> dict:
+        return {"deserialize": _MSPDecompress} if self.is_compact else {}
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        try:
+            if self.pre_quantized:
+                self._check_checkpoint(model)
+            else:
+                self._prune(model)
+        finally:
+            _detach(model)
+        return model
+
+    # -- our work -------------------------------------------------------------------------------------------
+    def _check_checkpoint(self, model) -> None:
+        if self._decode_errors:
+            layer, error = next(iter(self._decode_errors.items()))
+            more = f" (and {len(self._decode_errors) - 1} more layer(s))" if len(self._decode_errors) > 1 else ""
+            raise PlanError(f"Layer {layer!r}: its compact weights cannot be decoded: {error}{more}")
+        report = verify_pruned(model)
+        mark_pruned(model)  # the in-memory model is dense, whatever the checkpoint was
+        logger.info("Verified %d pruned layers against the sparsity plan (global sparsity %.4f)",
+                    len(report.layers), report.global_sparsity)
+
+    def _prune(self, model) -> None:
+        from ..pruner import MSPPruner
+
+        config = self.quantization_config
+        if not isinstance(config, MSPConfig):
+            raise TypeError(f"Prune-on-load needs an MSPConfig, got {type(config).__name__}.")
+        context = _CALIBRATION.get() or {}
+        calibration = context.get("input_ids")
+        tokenizer = context.get("tokenizer")
+        if tokenizer is None and _needs_calibration(config):
+            # with pre-tokenized windows the tokenizer is optional (some allocations still use it if present)
+            tokenizer = _load_tokenizer(model, config, required=calibration is None)
+        MSPPruner(model, tokenizer).prune(config, calibration=calibration)
+        mark_pruned(model)
+
+    def record_decode_error(self, layer: str, error: Exception) -> None:
+        self._decode_errors.setdefault(layer, str(error))
+
+
+def _needs_calibration(config: MSPConfig) -> bool:
+    from ..allocation import ALLOCATORS
+    from ..pruners import get_pruner
+
+    return get_pruner(config.method).needs_calibration or ALLOCATORS.get(config.allocation).needs_calibration
+
+
+def _load_tokenizer(model, config: MSPConfig, required: bool = True):
+    from transformers import AutoTokenizer
+
+    source = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # noqa: BLE001 - any failure means "no tokenizer"; say what to do instead
+        if not required:
+            logger.info("No tokenizer at %s (%s); pruning with the given calibration ids only", source, error)
+            return None
+        raise ValueError(
+            f"Pruning with method={config.method!r}, allocation={config.allocation!r} while loading needs calibration "
+            f"data, but no tokenizer could be loaded from {source!r} ({type(error).__name__}: {error}). Wrap the "
+            "from_pretrained call in optimum_msp.integrations.transformers.calibration_data(input_ids=... or "
+            "tokenizer=...)."
+        ) from None
+
+
+def _detach(model) -> None:
+    """Turn the just-loaded model back into a plain one: no quantizer, no quantized flags, no msp converter."""
+    from transformers import PreTrainedModel
+
+    for attribute in ("hf_quantizer", "quantization_method", "is_quantized"):
+        model.__dict__.pop(attribute, None)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config.__dict__.pop("_is_quantized", None)
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        # our decompression cannot be reversed at save time, and the loaded weights are dense anyway
+        model._weight_conversions = [
+            c for c in conversions if not any(isinstance(op, _MSPDecompress) for op in getattr(c, "operations", ()))
+        ]
+    if not isinstance(getattr(model.config, "quantization_config", None), (dict, type(None))):
+        # prune-on-load failed before marking: leave no MSPConfig behind in the config
+        model.config.__dict__.pop("quantization_config", None)
+
+
+# ----------------------------------------------------------------------------------- decompression on load
+try:
+    from transformers.core_model_loading import ConversionOps
+except ImportError:  # pragma: no cover - transformers without the conversion API cannot load compact checkpoints
+    ConversionOps = object
+
+
+class _MSPDecompress(ConversionOps):
+    """Loader op: the tensors collected for one ``...weight`` -> the dense weight (pass-through if not compact)."""
+
+    def __init__(self, quantizer: MSPHfQuantizer):
+        # not named ``hf_quantizer``: that would stop transformers from casting the kept values to the load dtype
+        self.quantizer = quantizer
+
+    def __deepcopy__(self, memo):
+        # transformers deep-copies a converter (and its ops) for every weight; errors must reach *our* quantizer
+        return type(self)(self.quantizer)
+
+    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, **kwargs):
+        meta_key = "weight" + compact.META_SUFFIX
+        if meta_key not in input_dict:
+            return input_dict
+        tensors = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
+        model = kwargs.get("model")
+        expected = None
+        if model is not None and full_layer_name is not None:
+            try:
+                expected = model.get_parameter(full_layer_name)
+            except AttributeError:
+                expected = None
+        try:
+            dense = compact.decode_layer(tensors, None if expected is None else expected.shape)
+        except compact.CompactFormatError as error:
+            layer = (full_layer_name or "?").removesuffix(".weight")
+            self.quantizer.record_decode_error(layer, error)
+            if expected is None:
+                raise
+            dense = torch.zeros(expected.shape, dtype=expected.dtype)  # replaced by an error after loading
+        return {full_layer_name: dense}
+
+
+# ------------------------------------------------------------------------------------------- registration
+def register() -> None:
+    """Register ``"msp"`` with transformers (idempotent; called by ``import optimum_msp``)."""
+    for mapping, value in ((AUTO_QUANTIZATION_CONFIG_MAPPING, MSPCheckpointConfig), (AUTO_QUANTIZER_MAPPING, MSPHfQuantizer)):
+        current = mapping.get(QUANT_METHOD)
+        if current is not None and current is not value and getattr(current, "__module__", "") != __name__:
+            raise RuntimeError(
+                f"transformers already has a quantization method {QUANT_METHOD!r} ({current!r}); optimum-msp cannot "
+                "register its own."
+            )
+        mapping[QUANT_METHOD] = value  # also replaces our own class after an importlib.reload
+
+
+register()

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from optimum_msp import MSPConfig, MSPPruner, SparsityPlan
+from optimum_msp.allocation import ALLOCATORS
+from tiny_models import CORE_ARCHITECTURES, calibration_ids, tiny_model
+
+SEARCH = dict(population_size=6, generations=2, fisher_samples=2)
+TARGETS = [dict(sparsity=0.7), dict(sparsity=0.6), dict(pattern="mixed-n:m", m=8, sparsity=0.75),
+           dict(pattern="mixed-n:m", m=4, sparsity=0.5, max_deviation=0.25)]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMUM_MSP_CACHE", str(tmp_path / "cache"))
+
+
+def _prune(arch, allocation, method="wanda", **kwargs):
+    model = tiny_model(arch)
+    pruner = MSPPruner(model)
+    pruner.prune(MSPConfig(method=method, allocation=allocation, **SEARCH, **kwargs),
+                 calibration=calibration_ids(6, 32), fitness_ids=calibration_ids(2, 32, seed=7))
+    return pruner
+
+
+def test_registry():
+    assert {"uniform", "owl", "fisher", "msp"} <= set(ALLOCATORS)
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHITECTURES)
+@pytest.mark.parametrize("allocation", ["owl", "fisher", "msp"])
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"{t.get('pattern', 'unstructured')}-{t['sparsity']}")
+def test_global_sparsity_is_exactly_the_target(arch, allocation, target):
+    pruner = _prune(arch, allocation, **target)
+    plan = SparsityPlan.from_config(pruner.model.config)
+    assert plan.planned_sparsity == pytest.approx(target["sparsity"], abs=1e-12)
+    report = plan.verify(pruner.model)
+    assert report.nm_compliant
+    assert report.global_sparsity == pytest.approx(target["sparsity"], abs=0.01)
+    levels = {layer.target.describe() for layer in plan.layers.values()}
+    # Fisher spreads levels over +-max_deviation; OWL's +-lambda may round to one N:M level; the search
+    # may legitimately prefer the uniform plan on a 2-block toy.
+    if allocation == "fisher" or (allocation == "owl" and "pattern" not in target):
+        assert len(levels) > 1, "a sensitivity-driven allocator should not return the uniform plan here"
+    if "pattern" in target:
+        assert all(layer.target.m == target["m"] for layer in plan.layers.values())
+
+
+@pytest.mark.parametrize("allocation", ["fisher", "msp"])
+def test_plan_records_sensitivities(allocation):
+    plan = SparsityPlan.from_config(_prune("llama", allocation, sparsity=0.7).model.config)
+    assert all(layer.sensitivity is not None and layer.sensitivity > 0 for layer in plan.layers.values())
+    assert set(plan.block_sensitivity) == {"0", "1", "2"}
+    if allocation == "msp":
+        search = plan.search
+        assert search["best_fitness"] <= search["fisher_fitness"]
+        assert search["best_fitness"] <= search["uniform_fitness"]
+        assert len(search["history"]) == SEARCH["generations"]
+        assert search["history"] == sorted(search["history"], reverse=True)  # elitism: never worse
+
+
+def test_unreachable_mixed_target_is_explained():
+    with pytest.raises(ValueError, match="cannot be reached exactly"):
+        _prune("llama", "fisher", pattern="mixed-n:m", m=8, sparsity=0.7)  # 3 blocks x 2.4 is not whole
+
+
+def test_uniform_mixed_needs_whole_n():
+    with pytest.raises(ValueError, match="Uniform allocation cannot reach"):
+        _prune("llama", "uniform", pattern="mixed-n:m", m=8, sparsity=0.7)
+
+
+def test_nm_pattern_with_search_becomes_mixed():
+    config = MSPConfig(pattern="2:8", allocation="msp")
+    assert config.pattern == "mixed-n:m" and config.m == 8 and config.sparsity == 0.75
+
+
+def test_layer_granularity_keeps_budget_per_shape():
+    pruner = _prune("llama", "fisher", sparsity=0.7, granularity="layer")
+    plan = SparsityPlan.from_config(pruner.model.config)
+    assert plan.planned_sparsity == pytest.approx(0.7, abs=1e-12)
+    by_numel = {}
+    for layer in plan.layers.values():
+        by_numel.setdefault(layer.numel, []).append(layer.target.sparsity)
+    for values in by_numel.values():
+        assert sum(values) / len(values) == pytest.approx(0.7, abs=1e-12)

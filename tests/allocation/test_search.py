@@ -1,0 +1,148 @@
+import random
+
+import pytest
+import torch
+
+from optimum_msp import MSPConfig
+from optimum_msp.allocation.levels import LevelSpace
+from optimum_msp.allocation.search import EvolutionarySearch, FitnessEvaluator, WeightBank
+from optimum_msp.modeling.blocks import prunable_layers, weight_matrix
+from optimum_msp.modeling.sequential import BlockRunner
+from optimum_msp.pruners import get_pruner
+from tiny_models import calibration_ids, tiny_model
+
+
+def _space(config, units=12, numels=(100, 100, 200)):
+    layers = [{f"b{i}.l{j}": None for j in range(len(numels))} for i in range(units)]
+    sizes = {f"b{i}.l{j}": numels[j] for i in range(units) for j in range(len(numels))}
+    return LevelSpace.build(config, layers, sizes)
+
+
+@pytest.mark.parametrize("config", [
+    MSPConfig(sparsity=0.7, granularity="layer"),
+    MSPConfig(pattern="mixed-n:m", m=8, sparsity=0.75, granularity="layer"),
+    MSPConfig(sparsity=0.5),
+])
+def test_crossover_and_mutation_preserve_the_budget(config):
+    space = _space(config)
+    quadratic = lambda genome: sum((s - 1) ** 2 for s in genome)
+    search = EvolutionarySearch(space, quadratic, space.uniform(), population_size=4, generations=0)
+    rng = random.Random(0)
+    genomes = [space.uniform()]
+    for _ in range(300):
+        a, b = rng.choice(genomes), rng.choice(genomes)
+        child = search.mutate(search.crossover(a, b, rng), rng, moves=rng.randint(1, 3))
+        assert space.is_feasible(child)
+        assert space.global_sparsity(child) == pytest.approx(config.sparsity, abs=1e-12)
+        genomes.append(child)
+    assert len(set(genomes)) > 50, "moves must actually explore"
+
+
+def test_quantize_holds_exact_sum_within_bounds():
+    space = _space(MSPConfig(sparsity=0.6, granularity="layer", max_deviation=0.1))
+    rng = random.Random(1)
+    for _ in range(50):
+        genome = space.quantize([rng.uniform(0.0, 1.0) for _ in range(len(space))])
+        assert space.is_feasible(genome)
+        assert space.global_sparsity(genome) == pytest.approx(0.6, abs=1e-12)
+
+
+def _toy_search(tmp_path=None, generations=6, fitness_log=None):
+    space = _space(MSPConfig(sparsity=0.6), units=10, numels=(100,))
+    optimum = (4, -4, 2, -2, 0, 0, 1, -1, 3, -3)
+
+    def fitness(genome):
+        if fitness_log is not None:
+            fitness_log.append(genome)
+        return float(sum((g - o) ** 2 for g, o in zip(genome, optimum)))
+
+    checkpoint = str(tmp_path / "search.json") if tmp_path else None
+    return EvolutionarySearch(space, fitness, space.uniform(), population_size=8, generations=generations,
+                              seed=3, checkpoint=checkpoint)
+
+
+def test_search_improves_and_never_evaluates_twice():
+    calls = []
+    search = _toy_search(generations=15, fitness_log=calls)
+    best = search.run()
+    assert len(calls) == len(set(calls))
+    assert search.state.fitness[best] < search.state.fitness[search.space.uniform()]
+    assert search.state.history == sorted(search.state.history, reverse=True)
+
+
+def test_same_seed_same_result():
+    assert _toy_search(generations=8).run() == _toy_search(generations=8).run()
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path):
+    uninterrupted = _toy_search(generations=8)
+    expected = uninterrupted.run()
+
+    first = _toy_search(tmp_path, generations=3)
+    first.run()  # "interrupted" after generation 3 (its checkpoint is on disk)
+    calls = []
+    resumed = _toy_search(tmp_path, generations=8, fitness_log=calls)
+    assert resumed.run() == expected
+    assert resumed.state.history == uninterrupted.state.history
+    assert len(calls) < len(uninterrupted.state.fitness)  # the first generations were not re-evaluated
+
+
+@pytest.fixture(scope="module")
+def evaluator_setup():
+    model = tiny_model("llama")
+    config = MSPConfig(method="wanda", sparsity=0.6)
+    layers = prunable_layers(model)
+    numels = {n: m.weight.numel() for b in layers for n, m in b.items()}
+    space = LevelSpace.build(config, layers, numels)
+    runner = BlockRunner(model)
+    pruner = get_pruner("wanda")
+    from optimum_msp.apply import dense_statistics
+
+    stats = {}
+    for _, block_stats in dense_statistics(runner, layers, calibration_ids(4, 32), pruner.new_statistics):
+        stats.update(block_stats)
+    modules = {n: m for b in layers for n, m in b.items()}
+    bank = WeightBank(pruner, modules, stats)
+    return model, space, runner, bank
+
+
+@pytest.mark.parametrize("kind", ["kl", "ppl"])
+def test_fitness_matches_a_full_forward_and_reuses_prefixes(evaluator_setup, kind):
+    model, space, runner, bank = evaluator_setup
+    ids = calibration_ids(2, 32, seed=11)
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+    evaluator = FitnessEvaluator(runner, space, bank, ids, kind=kind)
+    genome = space.quantize([0.5, 0.6, 0.7])
+    value = evaluator(genome)
+    # the same plan applied directly to the model, evaluated with a plain forward
+    for unit, s in zip(space.units, genome):
+        for name in unit:
+            bank.load(name, space.target(s))
+    with torch.no_grad():
+        logits = model(ids).logits
+    bank.restore()
+    if kind == "ppl":
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+    else:
+        expected = torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1),
+                                              log_target=True, reduction="sum").item() / ids.numel()
+    assert value == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    # a genome sharing the first block's level re-runs only the later blocks
+    before = evaluator.blocks_run
+    sibling = (genome[0], genome[2], genome[1])
+    evaluator(sibling)
+    assert evaluator.blocks_run - before == 2
+    before = evaluator.blocks_run
+    assert evaluator(genome) == value  # identical result from the cache path
+    assert evaluator.blocks_run - before == 0
+
+
+def test_bank_restores_dense_weights(evaluator_setup):
+    model, space, runner, bank = evaluator_setup
+    name = next(iter(bank.modules))
+    dense = weight_matrix(bank.modules[name]).clone()
+    bank.load(name, space.target(space.upper[0]))
+    assert not torch.equal(weight_matrix(bank.modules[name]), dense)
+    bank.restore()
+    assert torch.equal(weight_matrix(bank.modules[name]), dense)
