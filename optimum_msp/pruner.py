@@ -49,7 +49,12 @@ class MSPPruner:
         if isinstance(model_or_path, nn.Module):
             return cls(model_or_path, tokenizer)
         model = load_model(model_or_path, dtype=dtype, **model_kwargs)
-        return cls(model, tokenizer if tokenizer is not None else load_tokenizer(model_or_path))
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(model_or_path)
+            except (OSError, ValueError) as error:  # data-free pruning (magnitude) does not need one
+                logger.warning("No tokenizer loaded for %s (%s); calibration will need one.", model_or_path, error)
+        return cls(model, tokenizer)
 
     # ------------------------------------------------------------------------------------------- prune
     def calibration(self, config: MSPConfig) -> torch.Tensor:

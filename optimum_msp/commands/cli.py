@@ -86,7 +86,13 @@ def _perplexity(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimum-msp", description="Mixed Sparsity Pruning for LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommands(parser)
+    return parser
+
+
+def add_subcommands(parser: argparse.ArgumentParser) -> None:
+    """``prune`` and ``perplexity``; shared by ``optimum-msp`` and ``optimum-cli msp``."""
+    sub = parser.add_subparsers(dest="msp_command", required=True)
     prune = sub.add_parser("prune", help="prune a model and save it (plan in config.json)")
     prune.add_argument("model", nargs="?", default="smollm2-135m", help="Hub id, local folder or alias")
     prune.add_argument("--output", "-o", default=None, help="folder to save the pruned model to")
@@ -103,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--windows", type=int, default=-1, help="first N windows only (-1: all)")
     ppl.add_argument("--threads", type=int, default=None)
     ppl.set_defaults(func=_perplexity)
-    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:

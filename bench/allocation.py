@@ -1,0 +1,135 @@
+"""Allocation benchmark: uniform / OWL / Fisher / MSP x pruners x targets on the bundled SmolLM2-135M.
+
+Protocol (shared/DESIGN.md): WikiText-2 raw test PPL at seqlen 2048; calibration 32 random 2048-token
+windows of WikiText-2 raw validation (seed 0); the MSP search's fitness windows are drawn from the same
+validation text, disjoint from the calibration windows. Sweeps report the first 16 test windows; rows run
+with --full use the whole test split. Each row runs in its own process; results are appended to
+bench/results/allocation.jsonl and the table is printed from that file.
+
+    python bench/allocation.py --threads 1 --rows wanda:0.75:uniform wanda:0.75:owl wanda:0.75:msp
+    python bench/allocation.py --threads 1 --rows sparsegpt:2:8:msp      # mixed N:M, M=8, 75 %
+    python bench/allocation.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (  # noqa: E402
+    RESULTS, append_result, markdown_table, peak_rss_mb, read_results, run_isolated, set_threads,
+)
+
+OUT = RESULTS / "allocation.jsonl"
+COLUMNS = ["method", "target", "allocation", "eval_windows", "ppl", "achieved_sparsity", "search_s",
+           "evaluations", "evals_per_s", "dense_fwd_evals_per_s", "best_fitness", "uniform_fitness",
+           "prune_s", "threads"]
+
+
+def parse_row(row: str):
+    """``method:sparsity:allocation`` (unstructured) or ``method:N:M:allocation`` (mixed N:M, average N:M)."""
+    parts = row.split(":")
+    if len(parts) == 3:
+        method, sparsity, allocation = parts
+        return method, {"sparsity": float(sparsity)}, allocation, sparsity
+    method, n, m, allocation = parts
+    target = {"pattern": "mixed-n:m", "m": int(m), "sparsity": 1 - int(n) / int(m)}
+    return method, target, allocation, f"{n}:{m} avg"
+
+
+def run_row(row: str, args) -> None:
+    from optimum_msp import MSPConfig, MSPPruner
+    from optimum_msp.data import calibration_windows
+    from optimum_msp.evaluation import evaluation_ids, perplexity
+
+    set_threads(args.threads)
+    method, target, allocation, label = parse_row(row)
+    extra = {}
+    if args.population_size:
+        extra["population_size"] = args.population_size
+    if args.generations is not None:
+        extra["generations"] = args.generations
+    config = MSPConfig(method=method, allocation=allocation, fitness=args.fitness, **target, **extra)
+    pruner = MSPPruner.from_pretrained(args.model)
+    calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=0)
+    started = time.perf_counter()
+    pruner.prune(config, calibration=calibration)
+    result = {"row": row, "method": method, "target": label, "allocation": allocation, "threads": args.threads,
+              "prune_s": time.perf_counter() - started, "achieved_sparsity": pruner.plan.achieved_sparsity,
+              "planned_sparsity": pruner.plan.planned_sparsity, "fitness": args.fitness}
+    search = pruner.plan.search
+    if search:
+        result.update(search_s=search["search_seconds"], evaluations=search["evaluations"],
+                      evals_per_s=search["evaluations"] / max(search["search_seconds"], 1e-9),
+                      best_fitness=search["best_fitness"], uniform_fitness=search["uniform_fitness"],
+                      fisher_fitness=search["fisher_fitness"], history=search["history"],
+                      fisher_s=search["fisher_seconds"], blocks_run=search["blocks_run"],
+                      population_size=config.population_size, generations=config.generations)
+        result["dense_fwd_evals_per_s"] = 1.0 / _dense_fitness_forward_seconds(pruner, config)
+    result["levels"] = sorted({layer.target.describe() for layer in pruner.plan.layers.values()})
+    windows = None if args.full else args.eval_windows
+    ids = evaluation_ids(pruner.tokenizer, "wikitext2", "test")
+    result["ppl"] = perplexity(pruner.model, input_ids=ids, seqlen=2048, max_windows=windows)
+    result["eval_windows"] = windows or "all (148)"
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["plan_levels"] = [l.target.describe() for l in pruner.plan.layers.values()][:: max(1, len(pruner.plan.layers) // 30)]
+    append_result(Path(args.output), result)
+
+
+def _dense_fitness_forward_seconds(pruner, config) -> float:
+    """One plain forward of the fitness windows through the whole model: the unit evaluations/s compares to."""
+    import torch
+
+    from optimum_msp.allocation.base import AllocationContext
+    from optimum_msp.allocation.msp import fitness_windows
+
+    ids = fitness_windows(AllocationContext(pruner.model, config, [], tokenizer=pruner.tokenizer))
+    started = time.perf_counter()
+    with torch.no_grad():
+        for row in range(ids.shape[0]):
+            pruner.model(input_ids=ids[row : row + 1], use_cache=False)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rows", nargs="*", default=[
+        f"{m}:{t}:{a}" for t in ("0.75", "0.7") for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "msp")
+    ])
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fitness", default="kl")
+    parser.add_argument("--population-size", type=int, default=None)
+    parser.add_argument("--generations", type=int, default=None)
+    parser.add_argument("--output", default=str(OUT))
+    parser.add_argument("--table", action="store_true")
+    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.table:
+        print(markdown_table(read_results(Path(args.output)), COLUMNS))
+        return
+    if args.single:
+        run_row(args.single, args)
+        return
+    passthrough = []
+    skip = False
+    for item in sys.argv[1:]:
+        if item == "--rows":
+            skip = True
+            continue
+        if skip and not item.startswith("--"):
+            continue
+        skip = False
+        passthrough.append(item)
+    for row in args.rows:
+        run_isolated(__file__, [*passthrough, "--single", row])
+    print(markdown_table(read_results(Path(args.output)), COLUMNS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Compact vs dense checkpoints of the bundled SmolLM2-135M: file sizes and peak memory while loading.
+
+The model is pruned with magnitude (no calibration) at each sparsity, cast to bf16, and saved twice: dense
+(``save_pretrained``, with the plan marker) and compact (``save_compact``). Each checkpoint is then loaded with
+``AutoModelForCausalLM.from_pretrained`` in a fresh process (``optimum_msp`` imported in both cases, so the
+imports cost the same) that reports its peak RSS (``resource.getrusage``), its RSS just before
+``from_pretrained``, and the load time; the parent checks that both loads give identical tensors.
+
+    python bench/checkpoint_size.py                      # 50 % and 75 %, table on stdout
+    python bench/checkpoint_size.py --sparsities 0.5 --keep /tmp/ckpts
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import markdown_table, set_threads  # noqa: E402
+
+COLUMNS = ["sparsity", "format", "weights_MB", "ratio", "pruned_layers_ratio", "load_peak_rss_MB",
+           "load_rss_delta_MB", "load_s", "identical"]
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def load_child(folder: str, threads: int) -> None:
+    """Child process: load one checkpoint, print its memory numbers as JSON, save a digest of the weights."""
+    set_threads(threads)
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    import optimum_msp  # noqa: F401  (registers the loader for compact checkpoints)
+
+    before = _rss_now_mb()
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # exact digest of every tensor; +0.0 folds a pruned -0.0 (dense file) and +0.0 (compact file) together
+    digest = {k: hashlib.sha256((v.float() + 0.0).numpy().tobytes()).hexdigest() for k, v in model.state_dict().items()}
+    print(json.dumps({"peak_rss_mb": peak, "rss_before_mb": before, "load_s": seconds,
+                      "digest": digest, "dtype": str(model.dtype)}))
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _pruned_layer_bytes(folder: Path, layers) -> int:
+    """Bytes of the tensors stored for the pruned layers (values, masks, indices, meta), header excluded."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                if key.rsplit(".", 1)[0] in layers:
+                    tensor = handle.get_slice(key)
+                    size = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I64": 8}[tensor.get_dtype()]
+                    numel = 1
+                    for dim in tensor.get_shape():
+                        numel *= dim
+                    total += numel * size
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sparsities", default="0.5,0.75")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep", help="write the checkpoints here (default: a temporary folder, removed)")
+    parser.add_argument("--load-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load_child:
+        return load_child(args.load_child, args.threads)
+
+    set_threads(args.threads)
+    import torch
+
+    from optimum_msp import MSPConfig, MSPPruner, SparsityPlan
+    from optimum_msp.integrations.compact import save_compact, save_pruned
+    from optimum_msp.modeling import resolve_model_path
+
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="msp-ckpt-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for sparsity in (float(s) for s in args.sparsities.split(",")):
+            pruner = MSPPruner.from_pretrained(args.model)
+            pruner.prune(MSPConfig(method="magnitude", sparsity=sparsity))
+            model = pruner.model.to(torch.bfloat16)
+            layers = set(SparsityPlan.from_config(model.config).layers)
+            folders = {"dense": root / f"s{sparsity}-dense", "compact": root / f"s{sparsity}-compact"}
+            save_pruned(model, folders["dense"])
+            save_compact(model, folders["compact"])
+            del pruner, model
+            results = {}
+            for kind, folder in folders.items():
+                out = subprocess.run(
+                    [sys.executable, __file__, "--load-child", str(folder), "--threads", str(args.threads)],
+                    capture_output=True, text=True, check=True,
+                )
+                results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+            dense_bytes = _weights_bytes(folders["dense"])
+            dense_layers = _pruned_layer_bytes(folders["dense"], layers)
+            identical = results["dense"]["digest"] == results["compact"]["digest"]
+            for kind, folder in folders.items():
+                r = results[kind]
+                rows.append({
+                    "sparsity": sparsity, "format": kind, "weights_MB": _weights_bytes(folder) / 1e6,
+                    "ratio": _weights_bytes(folder) / dense_bytes,
+                    "pruned_layers_ratio": _pruned_layer_bytes(folder, layers) / dense_layers,
+                    "load_peak_rss_MB": r["peak_rss_mb"], "load_rss_delta_MB": r["peak_rss_mb"] - r["rss_before_mb"],
+                    "load_s": r["load_s"], "identical": identical,
+                })
+            print(markdown_table(rows[-2:], COLUMNS), file=sys.stderr, flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"model: {resolve_model_path(args.model)} (bf16), magnitude pruning, threads={args.threads}")
+    print(markdown_table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
