@@ -63,7 +63,8 @@ class MSPConfig(QuantizationConfigMixin):
         max_deviation: non-uniform allocations keep every unit within target +- this sparsity.
         level_step: spacing of the unstructured sparsity levels (mixed N:M moves one N at a time).
         max_layer_sparsity: no unit is pruned beyond this.
-        fisher_samples: calibration windows whose per-sequence gradients give the Fisher trace.
+        fisher_samples / fisher_seqlen: the Fisher trace sums squared per-sequence gradients over the first
+            ``fisher_seqlen`` tokens of the first ``fisher_samples`` calibration windows.
         fitness: MSP search objective on held-out calibration text: ``"kl"`` (KL divergence to the dense
             model's next-token distribution) or ``"ppl"`` (mean next-token NLL of the pruned model).
         fitness_samples / fitness_seqlen: windows the fitness is measured on (disjoint from calibration).
@@ -93,7 +94,8 @@ class MSPConfig(QuantizationConfigMixin):
     max_deviation: float = 0.2
     level_step: float = 0.025
     max_layer_sparsity: float = 0.95
-    fisher_samples: int = 8
+    fisher_samples: int = 16
+    fisher_seqlen: int = 512
     fitness: str = "kl"
     fitness_samples: int = 4
     fitness_seqlen: int = 512
@@ -151,7 +153,7 @@ class MSPConfig(QuantizationConfigMixin):
         if not self.sparsity <= self.max_layer_sparsity <= 1.0:
             raise ValueError(f"max_layer_sparsity must lie in [sparsity, 1], got {self.max_layer_sparsity}.")
         for name in ("num_calibration_samples", "seqlen", "batch_size", "block_size", "population_size",
-                     "fisher_samples", "fitness_samples", "fitness_seqlen"):
+                     "fisher_samples", "fisher_seqlen", "fitness_samples", "fitness_seqlen"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")

@@ -90,7 +90,7 @@ def context_sensitivities(context: AllocationContext) -> Dict[str, float]:
         if context.calibration is None:
             raise ValueError("Fisher sensitivity needs calibration data.")
         layers = {name: module for block in context.layers for name, module in block.items()}
-        ids = context.calibration[: context.config.fisher_samples]
+        ids = context.calibration[: context.config.fisher_samples, : context.config.fisher_seqlen]
         traces = fisher_traces(context.model, layers, ids)
         context.extras["layer_sensitivity"] = traces
         blocks = {}
