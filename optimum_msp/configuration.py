@@ -98,9 +98,9 @@ class MSPConfig(QuantizationConfigMixin):
     fisher_seqlen: int = 512
     fitness: str = "kl"
     fitness_samples: int = 4
-    fitness_seqlen: int = 512
-    population_size: int = 16
-    generations: int = 20
+    fitness_seqlen: int = 256
+    population_size: int = 12
+    generations: int = 10
     search_checkpoint: Optional[str] = None
     quant_method: str = QUANT_METHOD
 

@@ -61,41 +61,49 @@ class CompactFormatError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ bit packing
+#: codes are (un)packed this many at a time, so temporaries stay small whatever the layer size (multiple of 8)
+CHUNK = 1 << 20
+_BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.uint8)  # byte -> its 8 bits
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack the 1-D integer ``codes`` (each ``< 2**bits``) into ``uint8``, least significant bit first."""
+    """Pack the integer ``codes`` (each ``< 2**bits``, flattened) into ``uint8``, least significant bit first."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must lie in [1, 8], got {bits}.")
-    codes = codes.reshape(-1).to(torch.uint8)
-    stream = torch.empty(codes.numel() * bits, dtype=torch.uint8)
-    view = stream.view(-1, bits)
-    for bit in range(bits):
-        view[:, bit] = (codes >> bit) & 1
-    padding = (-stream.numel()) % 8
-    if padding:
-        stream = torch.cat([stream, stream.new_zeros(padding)])
-    stream = stream.view(-1, 8)
-    packed = torch.zeros(stream.shape[0], dtype=torch.uint8)
-    for bit in range(8):
-        packed |= stream[:, bit] << bit
+    codes = codes.reshape(-1)
+    packed = torch.empty(math.ceil(codes.numel() * bits / 8), dtype=torch.uint8)
+    shifts = torch.arange(bits, dtype=torch.int32)
+    for start in range(0, codes.numel(), CHUNK):
+        chunk = codes[start : start + CHUNK].to(torch.int32)
+        stream = ((chunk.unsqueeze(1) >> shifts) & 1).reshape(-1)
+        padding = (-stream.numel()) % 8  # only in the last chunk
+        if padding:
+            stream = torch.cat([stream, stream.new_zeros(padding)])
+        offset = start * bits // 8
+        packed[offset : offset + stream.numel() // 8] = (stream.view(-1, 8) * _BIT_WEIGHTS).sum(1).to(torch.uint8)
     return packed
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``count`` codes of ``bits`` bits each, as ``uint8``."""
+def unpack_codes(packed: torch.Tensor, bits: int, count: int, start: int = 0, stop: Optional[int] = None
+                 ) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: codes ``start:stop`` (default all ``count``) as ``uint8``.
+
+    ``start`` must be a multiple of 8 (whole bytes for any ``bits``).
+    """
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise CompactFormatError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}.")
     if packed.numel() != math.ceil(count * bits / 8):
         raise CompactFormatError(
             f"expected {math.ceil(count * bits / 8)} bytes for {count} codes of {bits} bits, found {packed.numel()}."
         )
-    stream = torch.empty(packed.numel(), 8, dtype=torch.uint8)
-    for bit in range(8):
-        stream[:, bit] = (packed >> bit) & 1
-    stream = stream.view(-1)[: count * bits].view(count, bits)
-    codes = torch.zeros(count, dtype=torch.uint8)
-    for bit in range(bits):
-        codes |= stream[:, bit] << bit
-    return codes
+    stop = count if stop is None else min(stop, count)
+    first = start * bits // 8
+    last = math.ceil(stop * bits / 8)
+    stream = _BYTE_BITS[packed[first:last].long()].view(-1)[: (stop - start) * bits]
+    if bits == 1:
+        return stream
+    return (stream.view(-1, bits).to(torch.int32) * _BIT_WEIGHTS[:bits]).sum(1).to(torch.uint8)
 
 
 def index_bits(m: int) -> int:
@@ -113,13 +121,22 @@ def encode_bitmask(tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 def decode_bitmask(values: torch.Tensor, mask: torch.Tensor, shape) -> torch.Tensor:
     numel = math.prod(shape)
-    kept = unpack_codes(mask, 1, numel).bool()
-    count = int(kept.sum())
-    if values.dim() != 1 or values.numel() != count:
-        raise CompactFormatError(f"the bitmask keeps {count} weights but {values.numel()} values are stored.")
+    if values.dim() != 1:
+        raise CompactFormatError(f"the kept values must be 1-D, got shape {tuple(values.shape)}.")
     dense = torch.zeros(numel, dtype=values.dtype)
-    dense[kept] = values
-    return dense.view(*shape)
+    used = 0
+    for start in range(0, numel, CHUNK):
+        kept = unpack_codes(mask, 1, numel, start, start + CHUNK).bool()
+        count = int(kept.sum())
+        if used + count > values.numel():
+            break
+        dense[start : start + kept.numel()][kept] = values[used : used + count]
+        used += count
+    else:
+        if used == values.numel():
+            return dense.view(*shape)
+    total = int(sum(int(unpack_codes(mask, 1, numel, s, s + CHUNK).sum()) for s in range(0, numel, CHUNK)))
+    raise CompactFormatError(f"the bitmask keeps {total} weights but {values.numel()} values are stored.")
 
 
 def encode_nm(matrix: torch.Tensor, n: int, m: int) -> Optional[Dict[str, torch.Tensor]]:
@@ -145,16 +162,24 @@ def encode_nm(matrix: torch.Tensor, n: int, m: int) -> Optional[Dict[str, torch.
 def decode_nm(values: torch.Tensor, index: torch.Tensor, rows: int, cols: int, n: int, m: int) -> torch.Tensor:
     if m <= 0 or not 0 < n <= m or cols % m:
         raise CompactFormatError(f"invalid N:M encoding {n}:{m} for a [{rows}, {cols}] matrix.")
-    slots = rows * (cols // m) * n
+    groups = cols // m
+    slots = rows * groups * n
     if values.dim() != 1 or values.numel() != slots:
         raise CompactFormatError(f"{n}:{m} over [{rows}, {cols}] needs {slots} values, {values.numel()} are stored.")
-    positions = unpack_codes(index, index_bits(m), slots).long().view(rows, cols // m, n)
-    if n > 1 and not bool((positions[..., 1:] > positions[..., :-1]).all()):
-        raise CompactFormatError("N:M positions must be strictly ascending within every group.")
-    if int(positions.max()) >= m:
-        raise CompactFormatError(f"an N:M position is >= M={m}.")
-    dense = torch.zeros(rows, cols // m, m, dtype=values.dtype)
-    dense.scatter_(2, positions, values.view(rows, cols // m, n))
+    bits = index_bits(m)
+    if index.numel() != math.ceil(slots * bits / 8):
+        raise CompactFormatError(f"{n}:{m} over [{rows}, {cols}] needs {math.ceil(slots * bits / 8)} index bytes.")
+    dense = torch.zeros(rows, groups, m, dtype=values.dtype)
+    per_row = groups * n
+    step = max(1, CHUNK // max(per_row, 1)) * 8  # rows per chunk; keeps code offsets multiples of 8
+    for row in range(0, rows, step):
+        end = min(rows, row + step)
+        positions = unpack_codes(index, bits, slots, row * per_row, end * per_row).long().view(end - row, groups, n)
+        if n > 1 and not bool((positions[..., 1:] > positions[..., :-1]).all()):
+            raise CompactFormatError("N:M positions must be strictly ascending within every group.")
+        if int(positions.max()) >= m:
+            raise CompactFormatError(f"an N:M position is >= M={m}.")
+        dense[row:end].scatter_(2, positions, values[row * per_row : end * per_row].view(end - row, groups, n))
     return dense.view(rows, cols)
 
 

@@ -8,6 +8,7 @@ columns of each row) and each pruned weight's error is propagated to the not-yet
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -63,6 +64,17 @@ class SparseGPTPruner(Pruner):
         super().__init__(**options)
         self.block_size = block_size
         self.dampening = dampening
+        # The inverse-Hessian factor depends only on the statistics: layers sharing an input (q/k/v) and
+        # repeated prunes of one layer at several levels (the MSP search) reuse it.
+        self._factors: "weakref.WeakKeyDictionary[InputHessian, tuple]" = weakref.WeakKeyDictionary()
+
+    def _factor(self, stats: InputHessian):
+        if stats not in self._factors:
+            H = stats.hessian.clone()
+            dead = torch.diag(H) == 0  # inputs that were always zero carry no information
+            H[dead, dead] = 1.0
+            self._factors[stats] = (dead, _upper_inverse_cholesky(H, self.dampening))
+        return self._factors[stats]
 
     def new_statistics(self, in_features):
         return InputHessian(in_features)
@@ -73,11 +85,9 @@ class SparseGPTPruner(Pruner):
         rows, cols = W.shape
         if target.is_nm and cols % target.m:
             raise ValueError(f"N:M with M={target.m} needs in_features divisible by {target.m}, got {cols}.")
-        H = stats.hessian.to(W.device).clone()
-        dead = torch.diag(H) == 0  # inputs that were always zero carry no information
-        H[dead, dead] = 1.0
+        dead, Hinv = self._factor(stats)
+        dead, Hinv = dead.to(W.device), Hinv.to(W.device)
         W[:, dead] = 0.0
-        Hinv = _upper_inverse_cholesky(H, self.dampening)
 
         # Blocks must hold whole N:M groups.
         block = self.block_size if not target.is_nm else max(target.m, self.block_size // target.m * target.m)
