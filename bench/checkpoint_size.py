@@ -3,8 +3,10 @@
 The model is pruned with magnitude (no calibration) at each sparsity, cast to bf16, and saved twice: dense
 (``save_pretrained``, with the plan marker) and compact (``save_compact``). Each checkpoint is then loaded with
 ``AutoModelForCausalLM.from_pretrained`` in a fresh process (``optimum_msp`` imported in both cases, so the
-imports cost the same) that reports its peak RSS (``resource.getrusage``), its RSS just before
-``from_pretrained``, and the load time; the parent checks that both loads give identical tensors.
+imports cost the same) that reports, relative to its memory just before ``from_pretrained``: the peak RSS
+while loading (``VmHWM``), the peak anonymous memory (sampled), the anonymous / file-backed RSS after loading,
+and the RSS after one forward pass (every weight touched); and the load time. The parent checks that both loads
+give identical tensors (``identical``).
 
     python bench/checkpoint_size.py                      # 50 % and 75 %, table on stdout
     python bench/checkpoint_size.py --sparsities 0.5 --keep /tmp/ckpts
@@ -15,11 +17,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,32 +29,68 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, set_threads  # noqa: E402
 
 COLUMNS = ["sparsity", "format", "weights_MB", "ratio", "pruned_layers_ratio", "load_peak_rss_MB",
-           "load_rss_delta_MB", "load_s", "identical"]
+           "load_peak_anon_MB", "after_load_anon_MB", "after_load_file_MB", "rss_after_forward_MB", "load_s",
+           "identical"]
 
 
-def _rss_now_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def _memory_mb() -> dict:
+    """Current RSS split into anonymous memory (heap, tensors) and file-backed pages (mmap'd files, libraries)."""
+    values = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                values[key] = int(rest.split()[0]) / 1024
+    return values
+
+
+class _Sampler(threading.Thread):
+    """Polls /proc/self/status to find the peak anonymous memory (ru_maxrss only has the peak of the total)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_anon = 0.0
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.peak_anon = max(self.peak_anon, _memory_mb()["RssAnon"])
+            time.sleep(0.002)
 
 
 def load_child(folder: str, threads: int) -> None:
-    """Child process: load one checkpoint, print its memory numbers as JSON, save a digest of the weights."""
+    """Child process: load one checkpoint, print its memory numbers as JSON (with an exact digest of the weights)."""
     set_threads(threads)
-    import torch  # noqa: F401
+    import torch
     from transformers import AutoModelForCausalLM
 
     import optimum_msp  # noqa: F401  (registers the loader for compact checkpoints)
 
-    before = _rss_now_mb()
+    before = _memory_mb()
+    sampler = _Sampler()
+    sampler.start()
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sampler.done.set()
+    sampler.join()
+    # VmHWM, the peak RSS of this process image. Not ru_maxrss: Linux carries the RSS of the forking parent
+    # (which holds a pruned model here) into the child's ru_maxrss across exec.
+    after_load = _memory_mb()
+    peak = after_load["VmHWM"]
+    with torch.no_grad():  # touches every weight: mmap-backed (dense) pages become resident too
+        model(torch.zeros(1, 8, dtype=torch.long))
+    steady = _memory_mb()
     # exact digest of every tensor; +0.0 folds a pruned -0.0 (dense file) and +0.0 (compact file) together
     digest = {k: hashlib.sha256((v.float() + 0.0).numpy().tobytes()).hexdigest() for k, v in model.state_dict().items()}
-    print(json.dumps({"peak_rss_mb": peak, "rss_before_mb": before, "load_s": seconds,
-                      "digest": digest, "dtype": str(model.dtype)}))
+    print(json.dumps({
+        "peak_rss_mb": peak - before["VmRSS"],
+        "peak_anon_mb": max(sampler.peak_anon, after_load["RssAnon"]) - before["RssAnon"],
+        "after_load_anon_mb": after_load["RssAnon"] - before["RssAnon"],
+        "after_load_file_mb": after_load["RssFile"] - before["RssFile"],
+        "steady_rss_mb": steady["VmRSS"] - before["VmRSS"], "load_s": seconds, "digest": digest,
+        "dtype": str(model.dtype),
+    }))
 
 
 def _weights_bytes(folder: Path) -> int:
@@ -81,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", default="0.5,0.75")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep", help="write the checkpoints here (default: a temporary folder, removed)")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,8 +162,9 @@ def main() -> None:
                     "sparsity": sparsity, "format": kind, "weights_MB": _weights_bytes(folder) / 1e6,
                     "ratio": _weights_bytes(folder) / dense_bytes,
                     "pruned_layers_ratio": _pruned_layer_bytes(folder, layers) / dense_layers,
-                    "load_peak_rss_MB": r["peak_rss_mb"], "load_rss_delta_MB": r["peak_rss_mb"] - r["rss_before_mb"],
-                    "load_s": r["load_s"], "identical": identical,
+                    "load_peak_rss_MB": r["peak_rss_mb"], "load_peak_anon_MB": r["peak_anon_mb"],
+                    "after_load_anon_MB": r["after_load_anon_mb"], "after_load_file_MB": r["after_load_file_mb"],
+                    "rss_after_forward_MB": r["steady_rss_mb"], "load_s": r["load_s"], "identical": identical,
                 })
             print(markdown_table(rows[-2:], COLUMNS), file=sys.stderr, flush=True)
     finally:

@@ -128,15 +128,12 @@ def decode_bitmask(values: torch.Tensor, mask: torch.Tensor, shape) -> torch.Ten
     for start in range(0, numel, CHUNK):
         kept = unpack_codes(mask, 1, numel, start, start + CHUNK).bool()
         count = int(kept.sum())
-        if used + count > values.numel():
-            break
-        dense[start : start + kept.numel()][kept] = values[used : used + count]
+        if used + count <= values.numel():
+            dense[start : start + kept.numel()][kept] = values[used : used + count]
         used += count
-    else:
-        if used == values.numel():
-            return dense.view(*shape)
-    total = int(sum(int(unpack_codes(mask, 1, numel, s, s + CHUNK).sum()) for s in range(0, numel, CHUNK)))
-    raise CompactFormatError(f"the bitmask keeps {total} weights but {values.numel()} values are stored.")
+    if used != values.numel():
+        raise CompactFormatError(f"the bitmask keeps {used} weights but {values.numel()} values are stored.")
+    return dense.view(*shape)
 
 
 def encode_nm(matrix: torch.Tensor, n: int, m: int) -> Optional[Dict[str, torch.Tensor]]:

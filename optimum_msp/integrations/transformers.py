@@ -181,7 +181,9 @@ class MSPHfQuantizer(HfQuantizer):
 
     def validate_environment(self, device_map=None, **kwargs):
         if not self.pre_quantized and isinstance(device_map, dict) and {"disk", "meta"} & set(device_map.values()):
-            raise ValueError("Pruning while loading needs every weight in memory: drop disk offloading from device_map.")
+            raise ValueError(
+                "Pruning while loading needs every weight in memory: drop disk offloading from device_map."
+            )
 
     @property
     def serialized_names(self) -> Dict[str, list]:  # read by the base class (converters, parallel plans)
@@ -333,7 +335,8 @@ class _MSPDecompress(ConversionOps):
 # ------------------------------------------------------------------------------------------- registration
 def register() -> None:
     """Register ``"msp"`` with transformers (idempotent; called by ``import optimum_msp``)."""
-    for mapping, value in ((AUTO_QUANTIZATION_CONFIG_MAPPING, MSPCheckpointConfig), (AUTO_QUANTIZER_MAPPING, MSPHfQuantizer)):
+    pairs = ((AUTO_QUANTIZATION_CONFIG_MAPPING, MSPCheckpointConfig), (AUTO_QUANTIZER_MAPPING, MSPHfQuantizer))
+    for mapping, value in pairs:
         current = mapping.get(QUANT_METHOD)
         if current is not None and current is not value and getattr(current, "__module__", "") != __name__:
             raise RuntimeError(

@@ -395,17 +395,43 @@ def test_limit_takes_the_first_documents_in_file_order():
 
 
 # ---------------------------------------------------------------- real model (slow)
-@pytest.mark.slow
-@needs_local_data
-def test_smollm2_shared_context_equals_per_choice_scoring(smollm2_path):
+# Per-choice loglikelihoods lm-evaluation-harness 0.4.13 logged (--log_samples, HFLM, fp32, CPU) for the first
+# documents of the local files, through task yamls that only swap the Hub dataset for these files.
+LM_EVAL_LOGLIKELIHOODS = {
+    "arc_easy": [[-23.5434, -34.0631, -32.4486, -29.2241], [-15.3628, -16.444, -15.4261, -21.4082],
+                 [-21.1215, -25.0875, -23.0816, -20.1926]],
+    "piqa": [[-110.6986, -110.9827], [-48.0457, -68.3027]],
+    "winogrande": [[-27.4236, -25.0687], [-27.4961, -24.8498], [-17.5346, -17.817]],
+    "lambada_openai": [[-5.0284], [-5.1841], [-0.7106]],
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
     from optimum_msp.modeling import load_model, load_tokenizer
 
-    model, tokenizer = load_model(smollm2_path), load_tokenizer(smollm2_path)
-    for task in ("arc_easy", "hellaswag"):
-        shared = zeroshot.evaluate_tasks(model, tokenizer, tasks=[task], limit=8, log_samples=True,
-                                         show_progress=False)[task]
-        naive = zeroshot.evaluate_tasks(model, tokenizer, tasks=[task], limit=8, log_samples=True,
-                                        share_context=False, show_progress=False)[task]
-        for a, b in zip(shared.samples, naive.samples):
-            assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-3)
-        assert (shared.acc, shared.acc_norm) == (naive.acc, naive.acc_norm)
+    return load_model(smollm2_path), load_tokenizer(smollm2_path)
+
+
+@pytest.mark.slow
+@needs_local_data
+@pytest.mark.parametrize("share_context", [True, False])
+def test_smollm2_loglikelihoods_equal_lm_eval(smollm2, share_context):
+    model, tokenizer = smollm2
+    for task, expected in LM_EVAL_LOGLIKELIHOODS.items():
+        result = zeroshot.evaluate_tasks(model, tokenizer, tasks=[task], limit=len(expected), log_samples=True,
+                                         share_context=share_context, show_progress=False)[task]
+        for sample, reference in zip(result.samples, expected):
+            values = sample.get("loglikelihoods", [sample.get("loglikelihood")])
+            assert values == pytest.approx(reference, abs=2e-3), task
+
+
+@pytest.mark.slow
+@needs_local_data
+def test_smollm2_shared_context_equals_per_choice_scoring_on_hellaswag(smollm2):
+    model, tokenizer = smollm2
+    runs = [zeroshot.evaluate_tasks(model, tokenizer, tasks=["hellaswag"], limit=4, log_samples=True,
+                                    share_context=share, show_progress=False)["hellaswag"] for share in (True, False)]
+    for shared, naive in zip(runs[0].samples, runs[1].samples):
+        assert shared["loglikelihoods"] == pytest.approx(naive["loglikelihoods"], abs=1e-3)
+    assert (runs[0].acc, runs[0].acc_norm) == (runs[1].acc, runs[1].acc_norm)

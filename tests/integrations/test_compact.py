@@ -60,6 +60,25 @@ def test_pack_codes_layout_is_lsb_first():
     assert pack_codes(torch.tensor([3, 0, 1, 2]), 2).tolist() == [0b10010011]  # 2-bit indices for M=4
 
 
+@pytest.mark.parametrize("target", [None, (2, 4), (2, 8), (3, 8)])
+def test_chunked_decoding_matches(target, monkeypatch):
+    """Large layers are (un)packed in chunks; force tiny chunks to exercise the boundaries."""
+    from optimum_msp.plan import LayerTarget
+    from optimum_msp.masks import nm_mask, unstructured_mask
+
+    module = torch.nn.Linear(48, 40, bias=False)
+    scores = torch.rand(40, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        module.weight.mul_(nm_mask(scores, *target) if target else unstructured_mask(scores, 0.7))
+    layer_target = LayerTarget.nm(*target) if target else None
+    expected = encode_layer(module, layer_target)
+    monkeypatch.setattr(compact, "CHUNK", 64)
+    encoded = encode_layer(module, layer_target)
+    for key, value in encoded.items():
+        assert torch.equal(value, expected[key]), key
+    assert _same_bits(decode_layer(encoded, (40, 48)), module.weight.detach())
+
+
 def test_nm_encoding_uses_small_indices():
     model = _pruned("llama", torch.bfloat16, pattern="2:8")
     module = dict(model.named_modules())["model.layers.0.mlp.up_proj"]

@@ -95,7 +95,8 @@ def test_trainer_without_callback_breaks_sparsity(tmp_path):
 def test_trainer_accepts_a_model_pruned_while_loading(tmp_path):
     folder = tmp_path / "dense"
     tiny_model("gpt2").save_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=MSPConfig(method="magnitude", pattern="2:4"))
+    config = MSPConfig(method="magnitude", pattern="2:4")
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
     masks = _masks(model)
     _, losses = _train(model, tmp_path / "run", [SparsityPreservingCallback()], max_steps=4)
     assert losses[-1] < losses[0]

@@ -140,7 +140,8 @@ def test_prune_on_load_with_calibration_context(dense_root, calibration_file, tm
 def test_prune_on_load_data_free_needs_no_tokenizer(tmp_path):
     folder = tmp_path / "bare"
     tiny_model("llama").save_pretrained(folder)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=MSPConfig(method="magnitude", sparsity=0.5))
+    config = MSPConfig(method="magnitude", sparsity=0.5)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
     SparsityPlan.from_config(loaded.config).verify(loaded)
 
 

@@ -5,17 +5,20 @@ where ``is_greedy`` says every continuation token is the argmax prediction (LAMB
 
 Two execution paths give the same numbers (up to float rounding):
 
-* **shared context** (default): requests with the same context (the choices of one question) run the
-  context once with ``use_cache=True``; its key/value cache is then repeated once per continuation
-  and the continuations run as one padded batch. Several questions share a forward: contexts are
-  right-padded, so the continuation pass masks the padding hole ``[len(context), longest context)``
-  with a 2-D attention mask and passes explicit ``position_ids`` (each row continues at its own
-  context length). A continuation of one token needs no second pass at all: its log-probability is
-  read from the context's last logits (BoolQ, RTE and most answer words).
+* **shared context** (default): requests with the same context (the choices of one question, or
+  WinoGrande's twin sentences) run the context once with ``use_cache=True``. Its key/value cache is
+  then reused by each continuation, and the continuations run as padded batches. The two passes are
+  batched independently (contexts by context length, continuations by continuation length, within a
+  window of a few batches) so neither pads much: each continuation row gets its own context's cache
+  back, right-padded to the longest context of its batch; a 2-D attention mask hides that padding hole
+  and explicit ``position_ids`` continue every row at its own context length. A one-token
+  continuation needs no second pass at all: its log-probability is read from the context's last
+  logits (BoolQ, RTE and most answer words).
 * **full sequence**: ``context + continuation[:-1]`` per request, right-padded, one forward per batch
   (what lm-eval does). Used for contexts that nothing shares (LAMBADA, WinoGrande's per-option
-  contexts), for sliding-window models whose window is shorter than a sequence, and for everything
-  when ``share_context=False`` (the benchmark's baseline).
+  contexts), for sliding-window models whose window is not well above the sequence length, for models
+  whose cache is not plain per-layer key/value tensors, and for everything when
+  ``share_context=False`` (the benchmark's baseline).
 
 Right padding needs no attention mask in a causal model: real tokens never attend to later positions,
 so whatever sits in the padding cannot change a score.
@@ -39,6 +42,7 @@ TokenPair = Tuple[Tuple[int, ...], Tuple[int, ...]]  # (context ids, continuatio
 Score = Tuple[float, bool]  # (loglikelihood, is_greedy)
 
 _PAD_ID = 0  # any valid id: padded positions are never read
+_WINDOW_BATCHES = 4  # context caches kept at once, in batches of requests (memory vs. regrouping freedom)
 
 
 class LoglikelihoodScorer:
@@ -71,6 +75,7 @@ class LoglikelihoodScorer:
         self._can_trim_logits = "logits_to_keep" in forward_parameters
         window = getattr(getattr(model, "config", None), "sliding_window", None)
         self._sliding_window = window if isinstance(window, int) and window > 0 else None
+        self._cache_is_splittable: Optional[bool] = None  # known after the first context pass
 
     # ------------------------------------------------------------------ public
     def tokenize(self, requests: Sequence[Tuple[str, str]]) -> List[TokenPair]:
@@ -96,10 +101,17 @@ class LoglikelihoodScorer:
         was_training = self.model.training
         self.model.eval()  # dropout off: scores must be deterministic
         try:
-            for batch in self._batches_of_groups(shared):
-                for index, score in self._score_shared_context(batch, pairs):
+            for window in self._windows(shared):
+                if self._cache_is_splittable is False:
+                    alone.extend(index for _, indices in window for index in indices)
+                    continue
+                scored = self._score_window(window, pairs)
+                if scored is None:  # this model's cache cannot be regrouped: score these requests whole
+                    alone.extend(index for _, indices in window for index in indices)
+                    continue
+                for index, score in scored.items():
                     results[index] = score
-                progress.update(sum(len(indices) for _, indices in batch))
+                progress.update(len(scored))
             alone.sort(key=lambda index: (-(len(pairs[index][0]) + len(pairs[index][1])), index))
             for start in range(0, len(alone), self.batch_size):
                 chunk = alone[start : start + self.batch_size]
@@ -120,7 +132,9 @@ class LoglikelihoodScorer:
         shared, alone = [], []
         for context, indices in by_context.items():
             longest = len(context) + max(len(pairs[i][1]) for i in indices)
-            window_too_short = self._sliding_window is not None and longest > self._sliding_window
+            # A sliding window is applied on cache positions, which a padding hole shifts by at most the
+            # longest context of a batch: keeping every sequence within half the window makes that harmless.
+            window_too_short = self._sliding_window is not None and 2 * longest > self._sliding_window
             if self.share_context and len(indices) > 1 and not window_too_short:
                 shared.append((context, indices))
             else:
@@ -129,29 +143,60 @@ class LoglikelihoodScorer:
         shared.sort(key=lambda group: (-len(group[0]), group[1][0]))
         return shared, alone
 
-    def _batches_of_groups(self, groups):
-        batch, rows = [], 0
+    def _windows(self, groups):
+        """Runs of groups totalling about ``_WINDOW_BATCHES`` batches of requests: their context caches are
+        held at once so that continuations can be regrouped by length (bounded memory)."""
+        window, rows = [], 0
         for group in groups:
-            # A sliding window is applied on cache positions, which the padding hole of a shorter context
-            # would shift: such models get one context per batch (no hole).
-            full = rows + len(group[1]) > self.batch_size or self._sliding_window is not None
-            if batch and full:
-                yield batch
-                batch, rows = [], 0
-            batch.append(group)
+            if window and rows + len(group[1]) > self.batch_size * _WINDOW_BATCHES:
+                yield window
+                window, rows = [], 0
+            window.append(group)
             rows += len(group[1])
-        if batch:
-            yield batch
+        if window:
+            yield window
 
     # ------------------------------------------------------------------ forwards
-    def _score_shared_context(self, groups, pairs: Sequence[TokenPair]) -> List[Tuple[int, Score]]:
-        context_lengths = [len(context) for context, _ in groups]
-        longest_context = max(context_lengths)
-        context_ids = torch.full((len(groups), longest_context), _PAD_ID, dtype=torch.long)
-        for row, (context, _) in enumerate(groups):
-            context_ids[row, : len(context)] = torch.tensor(context)
-        last_positions = torch.tensor([length - 1 for length in context_lengths])
+    def _score_window(self, groups, pairs: Sequence[TokenPair]) -> Optional[Dict[int, Score]]:
+        """Contexts in batches of similar *context* length, then continuations in batches of similar
+        *continuation* length (each row gets its context's cache back), so neither pass pads much."""
+        scores: Dict[int, List] = {}
+        states: Dict[int, Tuple[int, List[Tuple[torch.Tensor, torch.Tensor]]]] = {}
+        for start in range(0, len(groups), self.batch_size):
+            batch = groups[start : start + self.batch_size]
+            last_logprobs, cache = self._run_contexts([context for context, _ in batch])
+            if self._cache_is_splittable is None:
+                self._cache_is_splittable = _is_splittable(cache)
+            if not self._cache_is_splittable:
+                logger.info("%s caches cannot be regrouped; scoring choices as full sequences", type(cache).__name__)
+                return None
+            for row, (context, indices) in enumerate(batch):
+                group_id = start + row
+                for index in indices:
+                    first = pairs[index][1][0]
+                    scores[index] = [last_logprobs[row, first].item(), last_logprobs[row].argmax().item() == first]
+                if any(len(pairs[index][1]) > 1 for index in indices):
+                    states[group_id] = (len(context), [(layer.keys[row, :, : len(context)],
+                                                        layer.values[row, :, : len(context)]) for layer in cache.layers])
+            del cache
+        longer = [(start, index) for start, (_, indices) in enumerate(groups) for index in indices
+                  if len(pairs[index][1]) > 1]
+        longer.sort(key=lambda row: (-len(pairs[row[1]][1]), row[1]))
+        for start in range(0, len(longer), self.batch_size):
+            chunk = longer[start : start + self.batch_size]
+            sums, greedy = self._run_continuations([states[g] for g, _ in chunk], [pairs[i][1] for _, i in chunk])
+            for row, (_, index) in enumerate(chunk):
+                scores[index][0] += sums[row].item()
+                scores[index][1] = scores[index][1] and bool(greedy[row].item())
+        return {index: (float(value), bool(is_greedy)) for index, (value, is_greedy) in scores.items()}
 
+    def _run_contexts(self, contexts: Sequence[Tuple[int, ...]]):
+        """Right-padded contexts through the model with ``use_cache``: last-token log-probs and the cache."""
+        lengths = [len(context) for context in contexts]
+        context_ids = torch.full((len(contexts), max(lengths)), _PAD_ID, dtype=torch.long)
+        for row, context in enumerate(contexts):
+            context_ids[row, : len(context)] = torch.tensor(context)
+        last_positions = torch.tensor([length - 1 for length in lengths])
         kwargs = {}
         if self._can_trim_logits:
             kept = torch.unique(last_positions)  # sorted
@@ -160,44 +205,43 @@ class LoglikelihoodScorer:
         else:
             last_columns = last_positions
         output = self.model(input_ids=context_ids.to(self.device), use_cache=True, **kwargs)
-        group_rows = torch.arange(len(groups))
-        last_logprobs = F.log_softmax(output.logits[group_rows, last_columns.to(output.logits.device)].float(), -1)
-        cache = output.past_key_values
-        del output
+        rows = torch.arange(len(contexts))
+        last_logprobs = F.log_softmax(output.logits[rows, last_columns.to(output.logits.device)].float(), dim=-1)
+        return last_logprobs, output.past_key_values
 
-        # Every request of the batch: its group, and its continuation.
-        rows = [(g, index) for g, (_, indices) in enumerate(groups) for index in indices]
-        scores = {}
-        for g, index in rows:
-            first = pairs[index][1][0]
-            scores[index] = [last_logprobs[g, first].item(), bool(last_logprobs[g].argmax().item() == first)]
+    def _run_continuations(self, states, continuations):
+        """Continuations (minus their first token, already scored) on top of their contexts' caches.
 
-        longer = [(g, index) for g, index in rows if len(pairs[index][1]) > 1]
-        if longer:
-            cache.reorder_cache(torch.tensor([g for g, _ in longer], device=self.device))
-            width = max(len(pairs[index][1]) for _, index in longer) - 1
-            inputs = torch.full((len(longer), width), _PAD_ID, dtype=torch.long)
-            targets = torch.full((len(longer), width), -1, dtype=torch.long)
-            attention = torch.ones((len(longer), longest_context + width), dtype=torch.long)
-            positions = torch.empty((len(longer), width), dtype=torch.long)
-            for row, (g, index) in enumerate(longer):
-                continuation = pairs[index][1]
-                inputs[row, : len(continuation) - 1] = torch.tensor(continuation[:-1])
-                targets[row, : len(continuation) - 1] = torch.tensor(continuation[1:])
-                attention[row, context_lengths[g] : longest_context] = 0  # the padding hole of this context
-                positions[row] = context_lengths[g] + torch.arange(width)
-            logits = self.model(
-                input_ids=inputs.to(self.device),
-                attention_mask=attention.to(self.device),
-                position_ids=positions.to(self.device),
-                past_key_values=cache,
-                use_cache=True,
-            ).logits
-            logprob_sums, greedy = _score_targets(logits, targets.to(logits.device))
-            for row, (_, index) in enumerate(longer):
-                scores[index][0] += logprob_sums[row].item()
-                scores[index][1] = scores[index][1] and bool(greedy[row].item())
-        return [(index, (float(value), bool(is_greedy))) for index, (value, is_greedy) in scores.items()]
+        The caches are right-padded to the longest context of the chunk; the 2-D attention mask hides each
+        row's padding hole and ``position_ids`` continue every row at its own context length.
+        """
+        from transformers import DynamicCache
+
+        context_lengths = [length for length, _ in states]
+        longest_context = max(context_lengths)
+        cache = DynamicCache()
+        for layer_index in range(len(states[0][1])):
+            keys = _pad_right([layer[layer_index][0] for _, layer in states])
+            values = _pad_right([layer[layer_index][1] for _, layer in states])
+            cache.update(keys, values, layer_index)
+        width = max(len(continuation) for continuation in continuations) - 1
+        inputs = torch.full((len(states), width), _PAD_ID, dtype=torch.long)
+        targets = torch.full((len(states), width), -1, dtype=torch.long)
+        attention = torch.ones((len(states), longest_context + width), dtype=torch.long)
+        positions = torch.empty((len(states), width), dtype=torch.long)
+        for row, continuation in enumerate(continuations):
+            inputs[row, : len(continuation) - 1] = torch.tensor(continuation[:-1])
+            targets[row, : len(continuation) - 1] = torch.tensor(continuation[1:])
+            attention[row, context_lengths[row] : longest_context] = 0  # this row's padding hole
+            positions[row] = context_lengths[row] + torch.arange(width)
+        logits = self.model(
+            input_ids=inputs.to(self.device),
+            attention_mask=attention.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        return _score_targets(logits, targets.to(logits.device))
 
     def _score_full_sequences(self, chunk: Sequence[TokenPair]) -> List[Score]:
         """lm-eval's path: ``(context + continuation)[:-1]`` right-padded; score the continuation slots."""
@@ -228,3 +272,20 @@ def _score_targets(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.T
     sums = torch.where(scored, picked, torch.zeros_like(picked)).sum(dim=1)
     greedy = ((logprobs.argmax(dim=-1) == safe_targets) | ~scored).all(dim=1)
     return sums, greedy
+
+
+def _is_splittable(cache) -> bool:
+    """Plain per-layer key/value tensors ``[batch, heads, seq, dim]`` that can be sliced and re-stacked."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _pad_right(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[heads, seq_i, dim]`` tensors -> ``[batch, heads, max seq, dim]``, zero-filled after each sequence."""
+    longest = max(tensor.shape[1] for tensor in tensors)
+    heads, _, dim = tensors[0].shape
+    out = tensors[0].new_zeros((len(tensors), heads, longest, dim))
+    for row, tensor in enumerate(tensors):
+        out[row, :, : tensor.shape[1]] = tensor
+    return out
