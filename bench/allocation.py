@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    RESULTS, append_result, markdown_table, peak_rss_mb, read_results, run_isolated, set_threads,
+    RESULTS, append_result, markdown_table, peak_rss_mb, read_results, run_rows, set_threads,
 )
 
 OUT = RESULTS / "allocation.jsonl"
@@ -116,18 +116,7 @@ def main() -> None:
     if args.single:
         run_row(args.single, args)
         return
-    passthrough = []
-    skip = False
-    for item in sys.argv[1:]:
-        if item == "--rows":
-            skip = True
-            continue
-        if skip and not item.startswith("--"):
-            continue
-        skip = False
-        passthrough.append(item)
-    for row in args.rows:
-        run_isolated(__file__, [*passthrough, "--single", row])
+    run_rows(__file__, args.rows, sys.argv[1:])
     print(markdown_table(read_results(Path(args.output)), COLUMNS))
 
 

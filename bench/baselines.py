@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    RESULTS, append_result, markdown_table, peak_rss_mb, read_results, run_isolated, set_threads,
+    RESULTS, Timer, append_result, markdown_table, peak_rss_mb, read_results, run_rows, set_threads,
     timed_block_forward,
 )
 
@@ -29,13 +29,11 @@ DEFAULT_ROWS = ["dense"] + [f"{m}:{p}" for p in ("0.5", "2:4") for m in METHODS]
     f"{m}:{p}" for p in ("0.7", "0.6", "4:8") for m in METHODS
 ]
 OUT = RESULTS / "baselines.jsonl"
-COLUMNS = ["method", "pattern", "eval_windows", "ppl", "achieved_sparsity", "prune_s", "block_forward_s",
-           "prune/forward", "peak_rss_mb", "threads"]
+COLUMNS = ["method", "pattern", "eval_windows", "ppl", "achieved_sparsity", "prune_s", "prune_cpu_s",
+           "block_forward_cpu_s", "prune/forward (cpu)", "prune/forward", "peak_rss_mb", "threads"]
 
 
 def run_row(row: str, args) -> None:
-    import torch
-
     from optimum_msp import MSPConfig, MSPPruner
     from optimum_msp.data import calibration_windows
     from optimum_msp.evaluation import evaluation_ids, perplexity
@@ -49,12 +47,14 @@ def run_row(row: str, args) -> None:
         config = MSPConfig(method=method, **({"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)}))
         calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=0)
         if method != "magnitude" and not args.skip_forward:
-            result["block_forward_s"] = timed_block_forward(pruner.model, calibration)
-        started = time.perf_counter()
-        pruner.prune(config, calibration=calibration if method != "magnitude" else None)
-        result["prune_s"] = time.perf_counter() - started
+            forward = timed_block_forward(pruner.model, calibration)
+            result.update(block_forward_s=forward.wall, block_forward_cpu_s=forward.cpu)
+        with Timer() as prune:
+            pruner.prune(config, calibration=calibration if method != "magnitude" else None)
+        result.update(prune_s=prune.wall, prune_cpu_s=prune.cpu)
         if "block_forward_s" in result:
             result["prune/forward"] = result["prune_s"] / result["block_forward_s"]
+            result["prune/forward (cpu)"] = result["prune_cpu_s"] / result["block_forward_cpu_s"]
         result.update(method=method, pattern=pattern, achieved_sparsity=pruner.plan.achieved_sparsity)
     else:
         result.update(method="dense", pattern="-", achieved_sparsity=0.0)
@@ -87,23 +87,8 @@ def main() -> None:
         return print_table(Path(args.output))
     if args.single:
         return run_row(args.single, args)
-    passthrough = _strip_rows(sys.argv[1:])
-    for row in args.rows:
-        run_isolated(__file__, [*passthrough, "--single", row])
+    run_rows(__file__, args.rows, sys.argv[1:])
     print_table(Path(args.output))
-
-
-def _strip_rows(argv):
-    out, skip = [], False
-    for item in argv:
-        if item == "--rows":
-            skip = True
-            continue
-        if skip and not item.startswith("--"):
-            continue
-        skip = False
-        out.append(item)
-    return out
 
 
 if __name__ == "__main__":

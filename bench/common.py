@@ -37,17 +37,44 @@ def run_isolated(script: str, args: Iterable[str]) -> int:
     return subprocess.call([sys.executable, script, *args])
 
 
-def timed_block_forward(model, calibration: torch.Tensor, block_name=None) -> float:
-    """Seconds for one forward pass of the calibration set through the decoder blocks (the unit the
-    prune cost is compared to): capture the first block's inputs, then run every block."""
+def run_rows(script: str, rows: Iterable[str], argv: List[str]) -> None:
+    """Run every row in its own process, passing on the command line minus ``--rows ...``."""
+    passthrough, skipping = [], False
+    for item in argv:
+        if item == "--rows":
+            skipping = True
+            continue
+        if skipping and not item.startswith("--"):
+            continue
+        skipping = False
+        passthrough.append(item)
+    for row in rows:
+        run_isolated(script, [*passthrough, "--single", row])
+
+
+class Timer:
+    """Wall and process-CPU seconds. On a shared 2-core machine the CPU time of a 1-thread run is the
+    robust cost measure (wall time also counts what other processes took)."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def timed_block_forward(model, calibration: torch.Tensor, block_name=None) -> Timer:
+    """One forward pass of the calibration set through the decoder blocks (the unit the prune cost is
+    compared to): capture the first block's inputs, then run every block."""
     from optimum_msp.modeling.sequential import BlockRunner
 
     runner = BlockRunner(model, block_name)
-    started = time.perf_counter()
-    inputs = runner.capture(calibration)
-    for index in range(len(runner.blocks)):
-        runner.advance(index, inputs)
-    return time.perf_counter() - started
+    with Timer() as timer:
+        inputs = runner.capture(calibration)
+        for index in range(len(runner.blocks)):
+            runner.advance(index, inputs)
+    return timer
 
 
 def markdown_table(rows: List[Dict], columns: List[str]) -> str:

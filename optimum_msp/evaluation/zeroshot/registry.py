@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:
+    import datasets
 
 MULTIPLE_CHOICE = "multiple_choice"
 LOGLIKELIHOOD = "loglikelihood"
@@ -36,7 +39,7 @@ class LocalSource:
 
     subdir: str
     files: Tuple[str, ...]
-    load: Callable[[Path], "datasets.Dataset"]  # noqa: F821 - imported lazily by the loaders
+    load: Callable[[Path], "datasets.Dataset"]
 
     def available(self, data_dir: Path) -> bool:
         return all((data_dir / self.subdir / name).is_file() for name in self.files)

@@ -95,9 +95,8 @@ class LoglikelihoodScorer:
     def score_tokens(self, pairs: Sequence[TokenPair], description: str = "Scoring") -> List[Score]:
         results: List[Optional[Score]] = [None] * len(pairs)
         shared, alone = self._split_by_sharing(pairs)
-        progress = hf_logging.tqdm(
-            total=len(pairs), desc=description, disable=not (self.show_progress and hf_logging.is_progress_bar_enabled())
-        )
+        enabled = self.show_progress and hf_logging.is_progress_bar_enabled()
+        progress = hf_logging.tqdm(total=len(pairs), desc=description, disable=not enabled)
         was_training = self.model.training
         self.model.eval()  # dropout off: scores must be deterministic
         try:
@@ -176,10 +175,12 @@ class LoglikelihoodScorer:
                     first = pairs[index][1][0]
                     scores[index] = [last_logprobs[row, first].item(), last_logprobs[row].argmax().item() == first]
                 if any(len(pairs[index][1]) > 1 for index in indices):
-                    states[group_id] = (len(context), [(layer.keys[row, :, : len(context)],
-                                                        layer.values[row, :, : len(context)]) for layer in cache.layers])
+                    # This context's slice of every layer's keys/values (a view; the window bounds memory).
+                    kv = [(layer.keys[row, :, : len(context)], layer.values[row, :, : len(context)])
+                          for layer in cache.layers]
+                    states[group_id] = (len(context), kv)
             del cache
-        longer = [(start, index) for start, (_, indices) in enumerate(groups) for index in indices
+        longer = [(group_id, index) for group_id, (_, indices) in enumerate(groups) for index in indices
                   if len(pairs[index][1]) > 1]
         longer.sort(key=lambda row: (-len(pairs[row[1]][1]), row[1]))
         for start in range(0, len(longer), self.batch_size):
