@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    RESULTS, append_result, markdown_table, peak_rss_mb, read_results, run_rows, set_threads,
+    RESULTS, Timer, append_result, markdown_table, peak_rss_mb, read_results, run_rows, set_threads,
 )
 
 OUT = RESULTS / "allocation.jsonl"
@@ -55,10 +55,10 @@ def run_row(row: str, args) -> None:
     config = MSPConfig(method=method, allocation=allocation, fitness=args.fitness, **target, **extra)
     pruner = MSPPruner.from_pretrained(args.model)
     calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=0)
-    started = time.perf_counter()
-    pruner.prune(config, calibration=calibration)
+    with Timer() as prune:
+        pruner.prune(config, calibration=calibration)
     result = {"row": row, "method": method, "target": label, "allocation": allocation, "threads": args.threads,
-              "prune_s": time.perf_counter() - started, "achieved_sparsity": pruner.plan.achieved_sparsity,
+              "prune_s": prune.wall, "prune_cpu_s": prune.cpu, "achieved_sparsity": pruner.plan.achieved_sparsity,
               "planned_sparsity": pruner.plan.planned_sparsity, "fitness": args.fitness}
     search = pruner.plan.search
     if search:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from .allocation import ALLOCATORS, AllocationContext
 from .apply import apply_targets
 from .configuration import MSPConfig
 from .data import calibration_windows
+from .integrations.model_card import build_model_card
 from .modeling.blocks import select_linears
 from .modeling.loading import load_model, load_tokenizer
 from .modeling.sequential import BlockRunner
@@ -130,9 +132,13 @@ class MSPPruner:
         return self.model
 
     # -------------------------------------------------------------------------------------------- save
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], compact: bool = False, **kwargs) -> Path:
-        """Atomically write weights (safetensors), ``config.json`` with the plan, ``msp_config.json`` and the
-        tokenizer: the folder appears complete or not at all.
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], compact: bool = False,
+                        results: Iterable[Any] = (), **kwargs) -> Path:
+        """Atomically write weights (safetensors), ``config.json`` with the plan, ``msp_config.json``, the
+        tokenizer and a ``README.md`` model card: the folder appears complete or not at all.
+
+        ``results``: evaluation results for the card's ``model-index`` (``huggingface_hub.EvalResult`` or
+        dicts of its fields; see :func:`optimum_msp.integrations.model_card.perplexity_result`).
 
         ``compact=True`` stores pruned layers as kept values + bitmask / N:M indices (about 0.56x the dense size
         at 50 % in bf16, 0.31x at 75 %); loading it needs ``optimum_msp`` imported. See
@@ -146,4 +152,26 @@ class MSPPruner:
                 self.tokenizer.save_pretrained(staging)
             if self.config is not None:
                 self.config.save_pretrained(staging)
+            if self.plan is not None:
+                base_model = getattr(self.model.config, "_name_or_path", None) or None
+                build_model_card(self.plan, base_model, results).save(Path(staging) / "README.md")
         return Path(save_directory)
+
+    def push_to_hub(self, repo_id: str, *, compact: bool = False, results: Iterable[Any] = (),
+                    token: Optional[str] = None, endpoint: Optional[str] = None, private: Optional[bool] = None,
+                    exist_ok: bool = False, commit_message: Optional[str] = None, revision: Optional[str] = None):
+        """Save (weights, config with plan, tokenizer, model card) and upload it as one commit.
+
+        ``token``/``endpoint`` default to ``HF_TOKEN``/``HF_ENDPOINT``; errors the user can fix raise
+        :class:`optimum_msp.integrations.hub.HubError` subclasses. Returns the commit info.
+        """
+        from .integrations.hub import push_to_hub
+
+        with tempfile.TemporaryDirectory(prefix="optimum-msp-push-") as folder:
+            saved = self.save_pretrained(Path(folder) / "model", compact=compact, results=results)
+            message = commit_message or (
+                f"Upload {self.plan.method}/{self.plan.allocation} pruned model ({self.plan.target_sparsity:g} sparsity)"
+                if self.plan else "Upload model"
+            )
+            return push_to_hub(saved, repo_id, token=token, endpoint=endpoint, private=private, exist_ok=exist_ok,
+                               commit_message=message, revision=revision)

@@ -338,3 +338,25 @@ def test_token_is_never_logged_nor_put_in_errors(fake_hub: FakeHub, model_folder
     for secret in (fake_hub.token, rejected):
         assert secret not in logged
         assert all(secret not in text for text in errors)
+
+
+def test_pruner_push_to_hub_round_trip_with_card(fake_hub, tmp_path):
+    """MSPPruner.push_to_hub: weights, plan, model card with results, one commit; pulled back and verified."""
+    from huggingface_hub import ModelCard
+
+    from optimum_msp import MSPConfig, MSPPruner, SparsityPlan
+    from optimum_msp.integrations.model_card import perplexity_result
+    from tiny_models import calibration_ids, tiny_model
+
+    pruner = MSPPruner(tiny_model("llama"))
+    pruner.prune(MSPConfig(method="wanda", pattern="2:4"), calibration=calibration_ids())
+    repo_id = f"{fake_hub.username}/pruned-card"
+    pruner.push_to_hub(repo_id, token=fake_hub.token, endpoint=fake_hub.endpoint, results=[perplexity_result(42.0)])
+    titles = fake_hub.commit_titles(repo_id)
+    assert sum("Upload wanda/uniform pruned model" in title for title in titles) == 1  # one commit
+    assert "model.safetensors" in fake_hub.lfs_paths(repo_id)
+    folder = pull_from_hub(repo_id, endpoint=fake_hub.endpoint, token=fake_hub.token, cache_dir=tmp_path / "pull")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    SparsityPlan.from_config(model.config).verify(model)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.eval_results[0].metric_value == 42.0
