@@ -24,7 +24,7 @@ from common import (  # noqa: E402
 )
 
 OUT = RESULTS / "allocation.jsonl"
-COLUMNS = ["method", "target", "allocation", "eval_windows", "ppl", "achieved_sparsity", "search_s",
+COLUMNS = ["method", "target", "allocation", "eval_windows", "ppl", "achieved_sparsity", "search_s", "search_cpu_s",
            "evaluations", "evals_per_s", "dense_fwd_evals_per_s", "best_fitness", "uniform_fitness",
            "prune_s", "threads"]
 
@@ -62,7 +62,8 @@ def run_row(row: str, args) -> None:
               "planned_sparsity": pruner.plan.planned_sparsity, "fitness": args.fitness}
     search = pruner.plan.search
     if search:
-        result.update(search_s=search["search_seconds"], evaluations=search["evaluations"],
+        result.update(search_s=search["search_seconds"], search_cpu_s=search.get("search_cpu_seconds"),
+                      evaluations=search["evaluations"],
                       evals_per_s=search["evaluations"] / max(search["search_seconds"], 1e-9),
                       best_fitness=search["best_fitness"], uniform_fitness=search["uniform_fitness"],
                       fisher_fitness=search["fisher_fitness"], history=search["history"],
