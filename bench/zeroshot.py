@@ -34,6 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--limit", type=float, default=500, help="first N documents per task (lm-eval --limit)")
     parser.add_argument("--speed-limit", type=int, default=100, help="documents per task for the throughput table")
     parser.add_argument("--no-speed", action="store_true", help="skip the throughput comparison")
+    parser.add_argument("--speed-only", action="store_true", help="only the throughput comparison (dense model)")
     parser.add_argument("--repeats", type=int, default=2, help="timing runs per mode (fastest kept)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
@@ -125,18 +126,25 @@ def main(argv=None):
               "threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
     columns = []
     dense_model = None
-    for label, name in [("dense", DENSE)] + [(f"model {i + 1}", path) for i, path in enumerate(args.model)]:
+    models = [("dense", DENSE)] + [(f"model {i + 1}", path) for i, path in enumerate(args.model)]
+    if args.speed_only:
+        models = models[:1]
+    for label, name in models:
         model, tokenizer = load_model(name), load_tokenizer(name)
+        if dense_model is None:
+            dense_model = (model, tokenizer)
+        if args.speed_only:
+            continue
         results = zeroshot.evaluate_tasks(model, tokenizer, tasks=args.tasks, limit=args.limit,
                                           batch_size=args.batch_size)
         columns.append((label, results))
         report[label] = {"name": name, **results.to_dict()}
-        if dense_model is None:
-            dense_model = (model, tokenizer)
-    out = [f"Command: `{report['command']}`", "",
-           f"torch {torch.__version__}, {args.threads} thread(s), batch size {args.batch_size}, limit {args.limit}, "
-           f"0-shot; models: " + ", ".join(f"{label} = `{report[label]['name']}`" for label, _ in columns), "",
-           accuracy_table(columns)]
+    out = [f"Command: `{report['command']}`", ""]
+    if columns:
+        out += [f"torch {torch.__version__}, {args.threads} thread(s), batch size {args.batch_size}, "
+                f"limit {args.limit}, 0-shot; models: "
+                + ", ".join(f"{label} = `{report[label]['name']}`" for label, _ in columns), "",
+                accuracy_table(columns)]
     if not args.no_speed:
         rows = measure_throughput(*dense_model, args.tasks, args.speed_limit, args.batch_size, args.repeats)
         report["throughput"] = [dict(zip(("task", "docs", "requests", "shared_s", "naive_s", "max_abs_ll_diff"), row))

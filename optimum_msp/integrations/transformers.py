@@ -34,7 +34,7 @@ import contextvars
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 from transformers.quantizers import HfQuantizer

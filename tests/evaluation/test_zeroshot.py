@@ -96,8 +96,7 @@ REQUESTS = [
 
 
 # ---------------------------------------------------------------- scoring engine
-@pytest.mark.parametrize("batch_size", [1, 3, 64])
-@pytest.mark.parametrize("share_context", [True, False])
+@pytest.mark.parametrize("share_context, batch_size", [(True, 1), (True, 3), (True, 64), (False, 3)])
 def test_scores_equal_a_full_forward_per_choice(model, tokenizer, batch_size, share_context):
     scorer = LoglikelihoodScorer(model, tokenizer, batch_size=batch_size, share_context=share_context,
                                  show_progress=False)
@@ -133,7 +132,7 @@ def test_all_tiny_architectures_agree_with_reference(tokenizer):
     tiny_models = pytest.importorskip("tiny_models")
     if len(tokenizer) > tiny_models.VOCAB:
         pytest.skip("tokenizer larger than the tiny models' vocabulary")
-    for arch in tiny_models.ARCHITECTURES:
+    for arch in sorted(set(tiny_models.ARCHITECTURES) - {"llama", "gpt2"}):  # those two are tested above
         model = tiny_models.tiny_model(arch)
         scorer = LoglikelihoodScorer(model, tokenizer, batch_size=8, show_progress=False)
         pairs = scorer.tokenize(REQUESTS)
@@ -321,6 +320,27 @@ def test_evaluate_module_loads_offline_and_matches(model, tokenizer, arc_folder)
 def test_unknown_task_is_reported_before_any_work(model, tokenizer):
     with pytest.raises(KeyError, match="available"):
         zeroshot.evaluate_tasks(model, tokenizer, tasks=["arc_easyy"])
+
+
+def test_hub_fallback_asks_for_lm_evals_dataset_then_mirrors(monkeypatch, tmp_path):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        if path == "aps/super_glue":
+            raise ConnectionError("offline")
+        return datasets.Dataset.from_dict({"question": ["is it"], "passage": ["It is."], "idx": [0], "label": [1]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    docs = zeroshot.load_task_docs(zeroshot.get_task("boolq"), data_dir=tmp_path)  # empty folder -> Hub
+    assert calls == [("aps/super_glue", "boolq", "validation"), ("super_glue", "boolq", "validation")]
+    assert docs == [{"question": "is it", "passage": "It is.", "idx": 0, "label": 1}]
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
+    with pytest.raises(RuntimeError, match="OPTIMUM_MSP_DATA_DIR"):
+        zeroshot.load_task_docs(zeroshot.get_task("piqa"), from_hub=True)
 
 
 # ---------------------------------------------------------------- prompts vs lm-eval, on real local rows
