@@ -30,36 +30,30 @@ def _read_labels(path: Path) -> List[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def load_arc_rows(folder: Path):
-    """Original ARC jsonl (``question.stem``, ``question.choices[{text,label}]``) -> allenai/ai2_arc rows."""
+def _arc_style_rows(folder: Path, question_key: str):
+    """ARC / OpenBookQA original jsonl (``question.stem``, ``question.choices[{text,label}]``) -> Hub rows."""
     rows = _json_rows(folder / "test.jsonl")
 
     def to_hub(row):
         choices = row["question"]["choices"]
         return {
             "id": row["id"],
-            "question": row["question"]["stem"],
+            question_key: row["question"]["stem"],
             "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
             "answerKey": row["answerKey"],
         }
 
     return rows.map(to_hub, remove_columns=rows.column_names)
+
+
+def load_arc_rows(folder: Path):
+    """Original ARC jsonl -> allenai/ai2_arc rows."""
+    return _arc_style_rows(folder, "question")
 
 
 def load_openbookqa_rows(folder: Path):
     """Original OpenBookQA jsonl (same shape as ARC) -> allenai/openbookqa ``main`` rows."""
-    rows = _json_rows(folder / "test.jsonl")
-
-    def to_hub(row):
-        choices = row["question"]["choices"]
-        return {
-            "id": row["id"],
-            "question_stem": row["question"]["stem"],
-            "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
-            "answerKey": row["answerKey"],
-        }
-
-    return rows.map(to_hub, remove_columns=rows.column_names)
+    return _arc_style_rows(folder, "question_stem")
 
 
 def load_boolq_rows(folder: Path):
