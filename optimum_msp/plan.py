@@ -146,9 +146,6 @@ class SparsityPlan:
         total = sum(layer.numel for layer in self.layers.values())
         return sum(layer.numel * layer.achieved for layer in self.layers.values()) / total
 
-    def targets(self) -> Dict[str, LayerTarget]:
-        return {name: layer.target for name, layer in self.layers.items()}
-
     # ------------------------------------------------------------------------------------ (de)serialise
     def to_dict(self) -> Dict[str, Any]:
         out = {
@@ -260,8 +257,3 @@ class SparsityPlan:
             achieved = "-" if layer.achieved is None else f"{layer.achieved:.4f}"
             lines.append(f"| {name} | {layer.target.describe()} | {achieved} |")
         return "\n".join(lines)
-
-
-def global_sparsity(targets: Mapping[str, LayerTarget], numels: Mapping[str, int]) -> float:
-    total = sum(numels[name] for name in targets)
-    return sum(numels[name] * target.sparsity for name, target in targets.items()) / total

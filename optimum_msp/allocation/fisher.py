@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn

@@ -8,7 +8,7 @@ summary and a per-layer table.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Iterable, List, Mapping, Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 

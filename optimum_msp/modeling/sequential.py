@@ -37,9 +37,6 @@ class BlockInputs:
     def __len__(self) -> int:
         return len(self.hidden)
 
-    def clone(self) -> "BlockInputs":
-        return BlockInputs([h.clone() for h in self.hidden], list(self.args), list(self.kwargs))
-
 
 def block_output(output: Any) -> torch.Tensor:
     """Decoder blocks return a tensor (transformers >= 5) or a tuple whose first item is the hidden state."""

@@ -48,7 +48,3 @@ class WeightBank:
         for name, module in self.modules.items():
             weight_matrix(module).copy_(self.dense[name])
         self.loaded.clear()
-
-    @property
-    def entries(self) -> int:
-        return len(self._pruned)
