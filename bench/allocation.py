@@ -21,10 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     RESULTS, Timer, append_result, markdown_table, peak_rss_mb, read_results, run_rows, set_threads,
+    wikitext_perplexity,
 )
 
 OUT = RESULTS / "allocation.jsonl"
-COLUMNS = ["method", "target", "allocation", "eval_windows", "ppl", "achieved_sparsity", "search_s", "search_cpu_s",
+COLUMNS = ["method", "target", "allocation", "eval_windows", "ppl", "ppl_16", "achieved_sparsity", "search_s", "search_cpu_s",
            "evaluations", "evals_per_s", "dense_fwd_evals_per_s", "best_fitness", "uniform_fitness",
            "prune_s", "threads"]
 
@@ -43,7 +44,6 @@ def parse_row(row: str):
 def run_row(row: str, args) -> None:
     from optimum_msp import MSPConfig, MSPPruner
     from optimum_msp.data import calibration_windows
-    from optimum_msp.evaluation import evaluation_ids, perplexity
 
     set_threads(args.threads)
     method, target, allocation, label = parse_row(row)
@@ -72,9 +72,7 @@ def run_row(row: str, args) -> None:
         result["dense_fwd_evals_per_s"] = 1.0 / _dense_fitness_forward_seconds(pruner, config)
     result["levels"] = sorted({layer.target.describe() for layer in pruner.plan.layers.values()})
     windows = None if args.full else args.eval_windows
-    ids = evaluation_ids(pruner.tokenizer, "wikitext2", "test")
-    result["ppl"] = perplexity(pruner.model, input_ids=ids, seqlen=2048, max_windows=windows)
-    result["eval_windows"] = windows or "all (148)"
+    result.update(wikitext_perplexity(pruner.model, pruner.tokenizer, windows))
     result["peak_rss_mb"] = peak_rss_mb()
     result["plan_levels"] = [l.target.describe() for l in pruner.plan.layers.values()][:: max(1, len(pruner.plan.layers) // 30)]
     append_result(Path(args.output), result)

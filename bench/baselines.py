@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     RESULTS, Timer, append_result, markdown_table, peak_rss_mb, read_results, run_rows, set_threads,
-    timed_block_forward,
+    timed_block_forward, wikitext_perplexity,
 )
 
 PATTERNS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
@@ -29,19 +28,18 @@ DEFAULT_ROWS = ["dense"] + [f"{m}:{p}" for p in ("0.5", "2:4") for m in METHODS]
     f"{m}:{p}" for p in ("0.7", "0.6", "4:8") for m in METHODS
 ]
 OUT = RESULTS / "baselines.jsonl"
-COLUMNS = ["method", "pattern", "eval_windows", "ppl", "achieved_sparsity", "prune_s", "prune_cpu_s",
+COLUMNS = ["method", "pattern", "eval_windows", "ppl", "ppl_16", "achieved_sparsity", "prune_s", "prune_cpu_s",
            "block_forward_cpu_s", "prune/forward (cpu)", "prune/forward", "peak_rss_mb", "threads"]
 
 
 def run_row(row: str, args) -> None:
     from optimum_msp import MSPConfig, MSPPruner
     from optimum_msp.data import calibration_windows
-    from optimum_msp.evaluation import evaluation_ids, perplexity
 
     set_threads(args.threads)
     pruner = MSPPruner.from_pretrained(args.model)
     windows = None if args.full else args.eval_windows
-    result = {"row": row, "model": args.model, "threads": args.threads, "eval_windows": windows or "all (148)"}
+    result = {"row": row, "model": args.model, "threads": args.threads}
     if row != "dense":
         method, pattern = row.split(":", 1)
         config = MSPConfig(method=method, **({"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)}))
@@ -58,10 +56,7 @@ def run_row(row: str, args) -> None:
         result.update(method=method, pattern=pattern, achieved_sparsity=pruner.plan.achieved_sparsity)
     else:
         result.update(method="dense", pattern="-", achieved_sparsity=0.0)
-    ids = evaluation_ids(pruner.tokenizer, "wikitext2", "test")
-    started = time.perf_counter()
-    result["ppl"] = perplexity(pruner.model, input_ids=ids, seqlen=2048, max_windows=windows)
-    result["eval_s"] = time.perf_counter() - started
+    result.update(wikitext_perplexity(pruner.model, pruner.tokenizer, windows))
     result["peak_rss_mb"] = peak_rss_mb()
     append_result(Path(args.output), result)
 

@@ -77,6 +77,29 @@ def timed_block_forward(model, calibration: torch.Tensor, block_name=None) -> Ti
     return timer
 
 
+def wikitext_perplexity(model, tokenizer, windows) -> Dict:
+    """WikiText-2 test PPL on the first ``windows`` windows (``None``: all 148). A full-split run also
+    reports the 16-window PPL, read from the same per-window NLLs (the first 16 windows are a prefix),
+    so full rows compare with the sweep rows without a second pass."""
+    import math
+
+    from optimum_msp.data import evaluation_windows
+    from optimum_msp.evaluation import evaluation_ids, window_nlls
+
+    ids = evaluation_ids(tokenizer, "wikitext2", "test")
+    model.eval()
+    with Timer() as timer:
+        nlls = window_nlls(model, evaluation_windows(ids, 2048, windows))
+    result = {"ppl": math.exp(nlls.mean().item()), "eval_windows": windows or f"all ({len(nlls)})",
+              "eval_s": timer.wall, "eval_cpu_s": timer.cpu}
+    if windows is None or windows > SWEEP_WINDOWS:
+        result["ppl_16"] = math.exp(nlls[:SWEEP_WINDOWS].mean().item())
+    return result
+
+
+SWEEP_WINDOWS = 16
+
+
 def markdown_table(rows: List[Dict], columns: List[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
