@@ -19,21 +19,37 @@ logger = logging.getLogger(__name__)
 
 
 class InputHessian:
-    """Accumulates H = 2/n * X^T X over calibration tokens (the layer-wise reconstruction Hessian)."""
+    """Accumulates H = 2/n * X^T X over calibration tokens (the layer-wise reconstruction Hessian).
+
+    X^T X is symmetric, so only its upper block triangle is accumulated (column blocks of about
+    ``BLOCK`` inputs; each block row multiplies against the columns from its own block onward) and mirrored
+    when read: about (k + 1) / 2k of the full product's FLOPs for k blocks. The Hessian is the largest
+    extra cost of a SparseGPT prune over the two forward passes (measured ~30 % less time on 576- and
+    1536-wide inputs, see docs/benchmarks.md).
+    """
+
+    BLOCK = 256
 
     def __init__(self, in_features: int):
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32)
         self.tokens = 0
+        blocks = -(-in_features // self.BLOCK)
+        width = -(-in_features // blocks)
+        self._starts = range(0, in_features, width)
+        self._width = width
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.float()
         self.xtx = self.xtx.to(x.device)
-        self.xtx.addmm_(x.t(), x)
+        for start in self._starts:
+            stop = start + self._width
+            self.xtx[start:stop, start:].addmm_(x[:, start:stop].t(), x[:, start:])
         self.tokens += x.shape[0]
 
     @property
     def hessian(self) -> torch.Tensor:
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        upper = torch.triu(self.xtx)
+        return (upper + torch.triu(self.xtx, diagonal=1).t()) * (2.0 / max(self.tokens, 1))
 
 
 def _upper_inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
@@ -70,7 +86,7 @@ class SparseGPTPruner(Pruner):
 
     def _factor(self, stats: InputHessian):
         if stats not in self._factors:
-            H = stats.hessian.clone()
+            H = stats.hessian
             dead = torch.diag(H) == 0  # inputs that were always zero carry no information
             H[dead, dead] = 1.0
             self._factors[stats] = (dead, _upper_inverse_cholesky(H, self.dampening))

@@ -97,3 +97,16 @@ def test_input_statistics_accumulate_over_batches():
     for part in x.chunk(3):
         hessian.add_batch(part)
     torch.testing.assert_close(hessian.hessian, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("in_features", [1, 255, 256, 600])
+def test_block_triangular_hessian_equals_full_product(in_features):
+    # 600 inputs span three column blocks: off-diagonal blocks are computed once and mirrored
+    torch.manual_seed(0)
+    x = torch.randn(40, in_features, dtype=torch.float64).float()
+    hessian = get_pruner("sparsegpt").new_statistics(in_features)
+    for part in x.chunk(2):
+        hessian.add_batch(part)
+    expected = 2 * x.double().t() @ x.double() / x.shape[0]
+    torch.testing.assert_close(hessian.hessian.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(hessian.hessian, hessian.hessian.t())
