@@ -82,15 +82,21 @@ class BlockRunner:
 
     @torch.no_grad()
     def run_block(
-        self, index: int, inputs: BlockInputs, on_batch: Optional[Callable[[int], None]] = None, keep: bool = True
+        self, index: int, inputs: BlockInputs, on_batch: Optional[Callable[[int], None]] = None, keep: bool = True,
+        hidden: Optional[List[torch.Tensor]] = None,
     ) -> List[torch.Tensor]:
-        """Forward every batch through block ``index``; return the outputs if ``keep`` (inputs untouched)."""
+        """Forward every batch through block ``index``; return the outputs if ``keep`` (inputs untouched).
+
+        ``hidden`` replaces ``inputs.hidden`` (same batches, other hidden states: the MSP fitness replays
+        cached states of a candidate plan with the captured masks and position arguments).
+        """
         block = self.blocks[index]
+        hidden = inputs.hidden if hidden is None else hidden
         outputs = []
         for j in range(len(inputs)):
             if on_batch is not None:
                 on_batch(j)
-            out = block_output(block(inputs.hidden[j], *inputs.args[j], **inputs.kwargs[j]))
+            out = block_output(block(hidden[j], *inputs.args[j], **inputs.kwargs[j]))
             if keep:
                 outputs.append(out)
         return outputs

@@ -86,13 +86,8 @@ class FitnessEvaluator:
         return hidden
 
     def _run_block(self, block: int, hidden: List[torch.Tensor]) -> List[torch.Tensor]:
-        module = self.runner.blocks[block]
-        out = []
-        for j, h in enumerate(hidden):
-            result = module(h, *self.inputs.args[j], **self.inputs.kwargs[j])
-            out.append(result[0] if isinstance(result, (tuple, list)) else result)
         self.blocks_run += 1
-        return out
+        return self.runner.run_block(block, self.inputs, hidden=hidden)
 
     @torch.no_grad()
     def _logits(self, final_hidden: List[torch.Tensor]) -> List[torch.Tensor]:
