@@ -30,9 +30,13 @@ under ``==`` / ``torch.equal``, identical logits), every other bit is preserved.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
+import mmap
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -249,6 +253,52 @@ def decode_layer(tensors: Dict[str, torch.Tensor], expected_shape=None) -> torch
     rows, cols = (dim1, dim0) if transposed else (dim0, dim1)
     matrix = decode_nm(values, index, rows, cols, n, m)
     return matrix.t().contiguous() if transposed else matrix
+
+
+# ------------------------------------------------------------------------------------------- load memory
+_MADV_DONTNEED = 4  # Linux
+_libc = None
+
+
+def release_file_pages(tensor: torch.Tensor, suffix: str = ".safetensors") -> int:
+    """Drop the resident pages of a consumed tensor that is a view into a mapped ``*.safetensors`` file.
+
+    The loader maps the checkpoint privately and read-only in practice, so its pages are clean copies of the
+    file: ``madvise(MADV_DONTNEED)`` gives them back and a later read would fault them in again from the file.
+    Without this the compact values and masks, once decoded, stay resident until the whole file is unmapped
+    (the embeddings are views into the same mapping), on top of the decoded weights. Only whole pages inside
+    the tensor are released (neighbouring tensors share the edge pages), and only when ``/proc/self/maps``
+    shows the address inside a mapping of such a file (never anonymous memory, whose pages would be zeroed).
+    Returns the bytes released; 0 where unsupported (not Linux) or not applicable.
+    """
+    global _libc
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return 0
+    start = tensor.data_ptr()
+    stop = start + tensor.numel() * tensor.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, stop // page * page
+    if last <= first or not _inside_file_mapping(first, last, suffix):
+        return 0
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
+        return 0
+    return last - first
+
+
+def _inside_file_mapping(first: int, last: int, suffix: str) -> bool:
+    try:
+        with open("/proc/self/maps") as handle:
+            for line in handle:
+                fields = line.split(maxsplit=5)
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if low <= first and last <= high:
+                    return len(fields) == 6 and fields[5].strip().endswith(suffix)
+    except OSError:
+        return False
+    return False
 
 
 # ----------------------------------------------------------------------------------------------- whole model

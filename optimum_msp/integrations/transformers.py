@@ -329,6 +329,8 @@ class _MSPDecompress(ConversionOps):
             if expected is None:
                 raise
             dense = torch.zeros(expected.shape, dtype=expected.dtype)  # replaced by an error after loading
+        for tensor in tensors.values():  # decoded: their file pages need not stay resident (peak load memory)
+            compact.release_file_pages(tensor)
         return {full_layer_name: dense}
 
 

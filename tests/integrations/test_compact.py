@@ -259,3 +259,21 @@ def test_save_compact_needs_a_plan(tmp_path):
 def test_serialized_names_are_consistent():
     assert compact.SERIALIZED_NAMES[0] == "weight"
     assert all(name.startswith("weight_msp_") for name in compact.SERIALIZED_NAMES[1:])
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="madvise path is Linux-only")
+def test_release_file_pages_only_touches_mapped_checkpoint_files(tmp_path):
+    data = torch.arange(64 * 1024, dtype=torch.int32)  # 256 KiB: many whole pages
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(data.numpy().tobytes())
+    storage = torch.UntypedStorage.from_file(str(path), False, path.stat().st_size)  # how safetensors maps it
+    mapped = torch.empty(0, dtype=torch.int32).set_(storage.untyped()).view(torch.int32)
+    assert torch.equal(mapped, data)
+    assert compact.release_file_pages(mapped) > 0
+    assert torch.equal(mapped, data)  # released pages fault back in from the file
+    anonymous = data.clone()
+    assert compact.release_file_pages(anonymous) == 0 and torch.equal(anonymous, data)
+    other = tmp_path / "x.bin"
+    other.write_bytes(data.numpy().tobytes())
+    foreign = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(other), False, other.stat().st_size))
+    assert compact.release_file_pages(foreign) == 0
