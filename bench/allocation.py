@@ -74,7 +74,7 @@ def run_row(row: str, args) -> None:
     windows = None if args.full else args.eval_windows
     result.update(wikitext_perplexity(pruner.model, pruner.tokenizer, windows))
     result["peak_rss_mb"] = peak_rss_mb()
-    result["plan_levels"] = [l.target.describe() for l in pruner.plan.layers.values()][:: max(1, len(pruner.plan.layers) // 30)]
+    result["plan"] = pruner.plan.to_dict()  # whole plan, for optimum_msp.plotting later
     append_result(Path(args.output), result)
 
 

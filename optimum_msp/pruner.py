@@ -136,9 +136,11 @@ class MSPPruner:
 
     # -------------------------------------------------------------------------------------------- save
     def save_pretrained(self, save_directory: Union[str, os.PathLike], compact: bool = False,
-                        results: Iterable[Any] = (), **kwargs) -> Path:
+                        results: Iterable[Any] = (), plot: bool = True, **kwargs) -> Path:
         """Atomically write weights (safetensors), ``config.json`` with the plan, ``msp_config.json``, the
         tokenizer and a ``README.md`` model card: the folder appears complete or not at all.
+
+        ``plot``: also draw the plan (``sparsity_plan.png``, linked from the card) when matplotlib is installed.
 
         ``results``: evaluation results for the card's ``model-index`` (``huggingface_hub.EvalResult`` or
         dicts of its fields; see :func:`optimum_msp.integrations.model_card.perplexity_result`).
@@ -157,7 +159,8 @@ class MSPPruner:
                 self.config.save_pretrained(staging)
             if self.plan is not None:
                 base_model = getattr(self.model.config, "_name_or_path", None) or None
-                build_model_card(self.plan, base_model, results).save(Path(staging) / "README.md")
+                figure = _write_plot(self.plan, Path(staging)) if plot else None
+                build_model_card(self.plan, base_model, results, plot_path=figure).save(Path(staging) / "README.md")
         return Path(save_directory)
 
     def push_to_hub(self, repo_id: str, *, compact: bool = False, results: Iterable[Any] = (),
@@ -178,3 +181,18 @@ class MSPPruner:
             )
             return push_to_hub(saved, repo_id, token=token, endpoint=endpoint, private=private, exist_ok=exist_ok,
                                commit_message=message, revision=revision)
+
+
+def _write_plot(plan: SparsityPlan, folder: Path) -> Optional[str]:
+    """The plan's figure in ``folder`` (its file name), or ``None``: a figure is a nicety and never fails a save."""
+    from .plotting import PLOT_FILENAME, plot_available, plot_plan
+
+    if not plot_available():
+        logger.info("matplotlib is not installed: saving without the allocation figure (pip install matplotlib).")
+        return None
+    try:
+        plot_plan(plan, folder / PLOT_FILENAME)
+    except Exception as error:  # noqa: BLE001 - e.g. a hand-edited plan with odd search data
+        logger.warning("Could not draw the sparsity plan (%s); saving without the figure.", error)
+        return None
+    return PLOT_FILENAME

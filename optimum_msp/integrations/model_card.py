@@ -87,7 +87,7 @@ def build_model_card(
     sections = [
         f"# {name}", "",
         f"`{base_model or 'this model'}` pruned with **{plan.method}** and the **{plan.allocation}** sparsity "
-        f"allocation of [optimum-msp](https://github.com/) (Mixed Sparsity Pruning). The per-layer plan is "
+        f"allocation of optimum-msp (Mixed Sparsity Pruning). The per-layer plan is "
         "stored in `config.json` under `sparsity_plan` and verified against the weights when the model is "
         "loaded with `optimum_msp` imported; stock `transformers` loads it as a dense model.", "",
         "## Pruning", "", *_summary_rows(plan), "",

@@ -1,0 +1,61 @@
+import logging
+
+import pytest
+
+from optimum_msp import MSPConfig, MSPPruner, SparsityPlan
+from optimum_msp import plotting
+from tiny_models import calibration_ids, tiny_model
+
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _pruner(arch="llama"):
+    pruner = MSPPruner(tiny_model(arch))
+    pruner.prune(MSPConfig(method="wanda", sparsity=0.5, allocation="owl"), calibration=calibration_ids())
+    return pruner
+
+
+def test_layer_series_groups_layers_by_block():
+    plan = SparsityPlan.from_config(_pruner().model.config)
+    owners, kinds, sparsities = plotting.layer_series(plan)
+    assert owners[0] == "model.layers.0" and owners[-1] == "model.layers.2"
+    assert kinds.count("self_attn.q_proj") == 3 and kinds.count("mlp.down_proj") == 3
+    assert sparsities == [layer.target.sparsity for layer in plan.layers.values()]
+    # sensitivities are keyed by block index; each sits at the centre of its block's 7 layers
+    xs, ys = plotting.block_positions(owners, {"0": 5.0, "2": 4.0, "9": 1.0})
+    assert xs == [3.0, 17.0] and ys == [5.0, 4.0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_plot_plan_writes_png_with_search_curve(arch, tmp_path):
+    plan = SparsityPlan.from_config(_pruner(arch).model.config)
+    plan.search = {"history": [3.0, 2.5, 2.4], "uniform_fitness": 4.0, "fisher_fitness": 3.1, "fitness": "kl"}
+    plan.block_sensitivity = {"0": 10.0, "1": 100.0}
+    path = plotting.plot_plan(plan, tmp_path / "plan.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_save_pretrained_links_the_figure_from_the_card(tmp_path):
+    pruner = _pruner()
+    pruner.save_pretrained(tmp_path / "with")
+    assert (tmp_path / "with" / plotting.PLOT_FILENAME).read_bytes()[:8] == PNG_MAGIC
+    assert f"]({plotting.PLOT_FILENAME})" in (tmp_path / "with" / "README.md").read_text()
+    pruner.save_pretrained(tmp_path / "without", plot=False)
+    assert not (tmp_path / "without" / plotting.PLOT_FILENAME).exists()
+    assert plotting.PLOT_FILENAME not in (tmp_path / "without" / "README.md").read_text()
+
+
+def test_a_failing_figure_never_fails_the_save(tmp_path, monkeypatch, caplog):
+    pruner = _pruner()
+
+    def broken(plan, path):
+        raise ValueError("odd search data")
+
+    monkeypatch.setattr(plotting, "plot_plan", broken)
+    with caplog.at_level(logging.WARNING, logger="optimum_msp"):
+        pruner.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert not (tmp_path / "out" / plotting.PLOT_FILENAME).exists()
+    assert "odd search data" in caplog.text
