@@ -96,10 +96,12 @@ REQUESTS = [
 
 
 # ---------------------------------------------------------------- scoring engine
-@pytest.mark.parametrize("share_context, batch_size", [(True, 1), (True, 3), (True, 64), (False, 3)])
-def test_scores_equal_a_full_forward_per_choice(model, tokenizer, batch_size, share_context):
+@pytest.mark.parametrize("share_context, batch_size, max_tokens",
+                         [(True, 1, 4096), (True, 3, 4096), (True, 64, 4096), (True, 64, 20), (False, 3, 4096),
+                          (False, 64, 20)])
+def test_scores_equal_a_full_forward_per_choice(model, tokenizer, batch_size, share_context, max_tokens):
     scorer = LoglikelihoodScorer(model, tokenizer, batch_size=batch_size, share_context=share_context,
-                                 show_progress=False)
+                                 show_progress=False, max_batch_tokens=max_tokens)
     pairs = scorer.tokenize(REQUESTS)
     scores = scorer.score_tokens(pairs)
     for (context, continuation), (value, greedy) in zip(pairs, scores):
@@ -125,6 +127,25 @@ def test_shared_context_runs_each_context_once(model, tokenizer):
     # 3 shared contexts in one forward, one continuation pass, then the lone request as a full sequence
     assert [shape[0] for shape in calls] == [3, multi_token, 1]
     assert calls[0][1] == max(len(context) for context, _ in shared)
+
+
+@pytest.mark.parametrize("share_context", [True, False])
+def test_token_cap_bounds_every_forward(model, tokenizer, share_context):
+    shapes = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append((kwargs["input_ids"].shape, kwargs.get("past_key_values"))),
+        with_kwargs=True,
+    )
+    scorer = LoglikelihoodScorer(model, tokenizer, batch_size=64, share_context=share_context,
+                                 show_progress=False, max_batch_tokens=24)
+    try:
+        scorer.score_tokens(scorer.tokenize(REQUESTS))
+    finally:
+        hook.remove()
+    assert len(shapes) > 3  # the cap split what batch_size alone would run in two or three forwards
+    for (rows, width), cache in shapes:
+        cached = cache.get_seq_length() if cache is not None else 0
+        assert rows == 1 or rows * (width + cached) <= 24
 
 
 def test_all_tiny_architectures_agree_with_reference(tokenizer):

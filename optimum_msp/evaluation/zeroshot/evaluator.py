@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Union
 from .data import Limit, load_task_docs
 from .registry import LOGLIKELIHOOD, get_task
 from .results import TaskResult, ZeroShotResults, mean, mean_stderr, perplexity, perplexity_stderr
-from .scoring import LoglikelihoodScorer
+from .scoring import DEFAULT_MAX_BATCH_TOKENS, LoglikelihoodScorer
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def evaluate_tasks(
     max_length: Optional[int] = None,
     show_progress: bool = True,
     log_samples: bool = False,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
 ) -> ZeroShotResults:
     """Zero-shot accuracy of a causal LM on lm-eval-harness tasks, scored as lm-eval scores them.
 
@@ -49,6 +50,7 @@ def evaluate_tasks(
         tasks: task names (see :func:`list_tasks`), or one name.
         limit: lm-eval's ``--limit``: the first ``limit`` documents of each task, or a fraction if < 1.
         batch_size: sequences per forward pass.
+        max_batch_tokens: cap on rows x padded length per forward pass (bounds memory on long passages).
         data_dir: folder laid out like ``shared/data``; default: :func:`optimum_msp.utils.local_data_dir`,
             then the Hub datasets lm-eval loads.
         from_hub: ignore local files and read the Hub.
@@ -63,7 +65,7 @@ def evaluate_tasks(
     definitions = [get_task(name) for name in names]  # fail on a typo before any work
     scorer = LoglikelihoodScorer(
         model, tokenizer, batch_size=batch_size, max_length=max_length, share_context=share_context,
-        show_progress=show_progress,
+        show_progress=show_progress, max_batch_tokens=max_batch_tokens,
     )
     results = {}
     for task in definitions:
@@ -80,6 +82,7 @@ def evaluate_tasks(
     config = {
         "limit": limit,
         "batch_size": batch_size,
+        "max_batch_tokens": max_batch_tokens,
         "share_context": share_context,
         "num_fewshot": 0,
         "model": getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,17 @@ Score = Tuple[float, bool]  # (loglikelihood, is_greedy)
 
 _PAD_ID = 0  # any valid id: padded positions are never read
 _WINDOW_BATCHES = 4  # context caches kept at once, in batches of requests (memory vs. regrouping freedom)
+DEFAULT_MAX_BATCH_TOKENS = 4096  # rows x padded length per forward (32 rows of 128 tokens)
 
 
 class LoglikelihoodScorer:
     """Scores requests for one model/tokenizer pair.
 
     ``batch_size`` counts sequences per forward (continuation rows for the shared-context path,
-    whole requests for the full-sequence path), as lm-eval's ``--batch_size`` does.
+    whole requests for the full-sequence path), as lm-eval's ``--batch_size`` does. ``max_batch_tokens``
+    also caps rows x padded length per forward: activations grow with it (attention with its square), so
+    long-passage tasks (BoolQ) would otherwise need gigabytes at batch 32; on a CPU, which is
+    compute-bound at these sizes, smaller batches of long rows cost no throughput.
     """
 
     def __init__(
@@ -60,12 +64,16 @@ class LoglikelihoodScorer:
         max_length: Optional[int] = None,
         share_context: bool = True,
         show_progress: bool = True,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.max_length = max_length or model_max_length(model, tokenizer)
         self.share_context = share_context
         self.show_progress = show_progress
@@ -112,8 +120,7 @@ class LoglikelihoodScorer:
                     results[index] = score
                 progress.update(len(scored))
             alone.sort(key=lambda index: (-(len(pairs[index][0]) + len(pairs[index][1])), index))
-            for start in range(0, len(alone), self.batch_size):
-                chunk = alone[start : start + self.batch_size]
+            for chunk in self._batches(alone, lambda index: len(pairs[index][0]) + len(pairs[index][1])):
                 for index, score in zip(chunk, self._score_full_sequences([pairs[i] for i in chunk])):
                     results[index] = score
                 progress.update(len(chunk))
@@ -161,16 +168,15 @@ class LoglikelihoodScorer:
         *continuation* length (each row gets its context's cache back), so neither pass pads much."""
         scores: Dict[int, List] = {}
         states: Dict[int, Tuple[int, List[Tuple[torch.Tensor, torch.Tensor]]]] = {}
-        for start in range(0, len(groups), self.batch_size):
-            batch = groups[start : start + self.batch_size]
+        for batch_ids in self._batches(range(len(groups)), lambda group_id: len(groups[group_id][0])):
+            batch = [groups[group_id] for group_id in batch_ids]
             last_logprobs, cache = self._run_contexts([context for context, _ in batch])
             if self._cache_is_splittable is None:
                 self._cache_is_splittable = _is_splittable(cache)
             if not self._cache_is_splittable:
                 logger.info("%s caches cannot be regrouped; scoring choices as full sequences", type(cache).__name__)
                 return None
-            for row, (context, indices) in enumerate(batch):
-                group_id = start + row
+            for row, (group_id, (context, indices)) in enumerate(zip(batch_ids, batch)):
                 for index in indices:
                     first = pairs[index][1][0]
                     scores[index] = [last_logprobs[row, first].item(), last_logprobs[row].argmax().item() == first]
@@ -183,13 +189,28 @@ class LoglikelihoodScorer:
         longer = [(group_id, index) for group_id, (_, indices) in enumerate(groups) for index in indices
                   if len(pairs[index][1]) > 1]
         longer.sort(key=lambda row: (-len(pairs[row[1]][1]), row[1]))
-        for start in range(0, len(longer), self.batch_size):
-            chunk = longer[start : start + self.batch_size]
+        # a continuation row attends over its context's cache too: count both
+        for chunk in self._batches(longer, lambda row: states[row[0]][0] + len(pairs[row[1]][1])):
             sums, greedy = self._run_continuations([states[g] for g, _ in chunk], [pairs[i][1] for _, i in chunk])
             for row, (_, index) in enumerate(chunk):
                 scores[index][0] += sums[row].item()
                 scores[index][1] = scores[index][1] and bool(greedy[row].item())
         return {index: (float(value), bool(is_greedy)) for index, (value, is_greedy) in scores.items()}
+
+    def _batches(self, items, length: Callable[[Any], int]) -> Iterator[list]:
+        """Consecutive runs of ``items`` with at most ``batch_size`` rows and rows x longest ``length`` at most
+        ``max_batch_tokens`` (a single longer item still gets a batch of its own)."""
+        batch: list = []
+        longest = 0
+        for item in items:
+            size = length(item)
+            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * max(longest, size) > self.max_batch_tokens):
+                yield batch
+                batch, longest = [], 0
+            batch.append(item)
+            longest = max(longest, size)
+        if batch:
+            yield batch
 
     def _run_contexts(self, contexts: Sequence[Tuple[int, ...]]):
         """Right-padded contexts through the model with ``use_cache``: last-token log-probs and the cache."""

@@ -22,6 +22,7 @@ Args:
     tokenizer: the model's tokenizer (loaded from `model` when it is a name).
     limit (int or float, optional): lm-eval's --limit: the first N documents of each task (fraction if < 1).
     batch_size (int): sequences per forward pass, default 32.
+    max_batch_tokens (int): cap on sequences x padded length per forward pass, default 4096.
     data_dir (str, optional): local data folder laid out like shared/data.
     share_context (bool): reuse the context's KV cache across choices (default True; same results).
 Returns:
@@ -45,12 +46,12 @@ class ZeroShot(evaluate.Measurement):
         )
 
     def _compute(self, tasks, model=None, tokenizer=None, model_id=None, limit=None, batch_size=32,
-                 data_dir=None, share_context=True, show_progress=True):
+                 data_dir=None, share_context=True, show_progress=True, max_batch_tokens=4096):
         model = model if model is not None else model_id
         if model is None:
             raise ValueError("Pass model= (a model object, Hub id, folder or alias) and, for an object, tokenizer=.")
         results = evaluate_tasks(
             model, tokenizer, tasks=list(tasks), limit=limit, batch_size=batch_size, data_dir=data_dir,
-            share_context=share_context, show_progress=show_progress,
+            share_context=share_context, show_progress=show_progress, max_batch_tokens=max_batch_tokens,
         )
         return results.to_dict()["results"]
