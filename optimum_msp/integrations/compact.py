@@ -66,7 +66,7 @@ class CompactFormatError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ bit packing
 #: codes are (un)packed this many at a time, so temporaries stay small whatever the layer size (multiple of 8)
-CHUNK = 1 << 20
+CHUNK = 1 << 16
 _BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.uint8)  # byte -> its 8 bits
 
@@ -133,7 +133,8 @@ def decode_bitmask(values: torch.Tensor, mask: torch.Tensor, shape) -> torch.Ten
         kept = unpack_codes(mask, 1, numel, start, start + CHUNK).bool()
         count = int(kept.sum())
         if used + count <= values.numel():
-            dense[start : start + kept.numel()][kept] = values[used : used + count]
+            # masked_scatter_ fills in place without the int64 index tensor that ``[kept] =`` builds
+            dense[start : start + kept.numel()].masked_scatter_(kept, values[used : used + count])
         used += count
     if used != values.numel():
         raise CompactFormatError(f"the bitmask keeps {used} weights but {values.numel()} values are stored.")
