@@ -135,7 +135,7 @@ class MSPPruner:
         return self.model
 
     # -------------------------------------------------------------------------------------------- save
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], compact: bool = False,
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], compact: Union[bool, str] = False,
                         results: Iterable[Any] = (), plot: bool = True, **kwargs) -> Path:
         """Atomically write weights (safetensors), ``config.json`` with the plan, ``msp_config.json``, the
         tokenizer and a ``README.md`` model card: the folder appears complete or not at all.
@@ -146,8 +146,9 @@ class MSPPruner:
         dicts of its fields; see :func:`optimum_msp.integrations.model_card.perplexity_result`).
 
         ``compact=True`` stores pruned layers as kept values + bitmask / N:M indices (those layers take 0.5625x
-        their dense size at 50 % in bf16, 0.3125x at 75 %; unpruned tensors are stored as is); loading it needs
-        ``optimum_msp`` imported. See :mod:`optimum_msp.integrations.compact`.
+        their dense size at 50 % in bf16, 0.3125x at 75 %; unpruned tensors are stored as is);
+        ``compact="deflate"`` also deflates those tensors losslessly (smaller still, slower to save). Loading
+        either needs ``optimum_msp`` imported. See :mod:`optimum_msp.integrations.compact`.
         """
         from .integrations.compact import save_pruned
 
@@ -163,7 +164,7 @@ class MSPPruner:
                 build_model_card(self.plan, base_model, results, plot_path=figure).save(Path(staging) / "README.md")
         return Path(save_directory)
 
-    def push_to_hub(self, repo_id: str, *, compact: bool = False, results: Iterable[Any] = (),
+    def push_to_hub(self, repo_id: str, *, compact: Union[bool, str] = False, results: Iterable[Any] = (),
                     token: Optional[str] = None, endpoint: Optional[str] = None, private: Optional[bool] = None,
                     exist_ok: bool = False, commit_message: Optional[str] = None, revision: Optional[str] = None):
         """Save (weights, config with plan, tokenizer, model card) and upload it as one commit.

@@ -45,6 +45,7 @@ def _prune(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation import perplexity
+    from ..integrations.model_card import perplexity_result
     from ..pruner import MSPPruner
 
     if args.threads:
@@ -57,14 +58,18 @@ def _prune(args: argparse.Namespace) -> int:
         "model": args.model, "config": config.to_dict(), "prune_seconds": round(time.perf_counter() - started, 1),
         "target_sparsity": config.sparsity, "achieved_sparsity": pruner.plan.achieved_sparsity,
     }
-    if args.output:
-        pruner.save_pretrained(args.output)
-        result["output"] = args.output
+    card_results = []
     if args.eval_windows != 0:
         windows = None if args.eval_windows < 0 else args.eval_windows
         result["wikitext2_test_ppl"] = perplexity(pruner.model, pruner.tokenizer, "wikitext2", "test",
                                                   seqlen=config.seqlen, max_windows=windows)
         result["eval_windows"] = "all" if windows is None else windows
+        if windows is None:  # only a whole-split number belongs in the card's model-index
+            card_results.append(perplexity_result(result["wikitext2_test_ppl"], seqlen=config.seqlen))
+    if args.output:
+        compact = {"none": False, "sparse": True, "deflate": "deflate"}[args.compact]
+        pruner.save_pretrained(args.output, compact=compact, results=card_results)
+        result["output"] = args.output
     print(json.dumps(result, indent=2))
     return 0
 
@@ -96,6 +101,9 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     prune = sub.add_parser("prune", help="prune a model and save it (plan in config.json)")
     prune.add_argument("model", nargs="?", default="smollm2-135m", help="Hub id, local folder or alias")
     prune.add_argument("--output", "-o", default=None, help="folder to save the pruned model to")
+    prune.add_argument("--compact", choices=["none", "sparse", "deflate"], default="none",
+                       help="checkpoint format: dense weights (loads anywhere), sparse values + bitmask/N:M indices, "
+                            "or those deflated as well (smallest; loading needs optimum_msp)")
     prune.add_argument("--eval-windows", type=int, default=16,
                        help="WikiText-2 test windows to evaluate after pruning (-1: all, 0: skip)")
     prune.add_argument("--threads", type=int, default=None)

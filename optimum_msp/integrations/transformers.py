@@ -323,6 +323,8 @@ class _MSPDecompress(ConversionOps):
                 expected = None
         try:
             dense = compact.decode_layer(tensors, None if expected is None else expected.shape)
+            if expected is not None and dense.dtype != expected.dtype:  # deflated values keep their saved dtype
+                dense = dense.to(expected.dtype)
         except compact.CompactFormatError as error:
             layer = (full_layer_name or "?").removesuffix(".weight")
             self.quantizer.record_decode_error(layer, error)

@@ -9,19 +9,40 @@ from optimum_msp.commands.cli import main
 from tiny_models import tiny_model
 
 
-def test_prune_command_saves_a_verified_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("compact", ["none", "deflate"])
+def test_prune_command_saves_a_verified_checkpoint(tmp_path, capsys, compact):
     source = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(source)
     out = tmp_path / "pruned"
     code = main(["prune", str(source), "--method", "magnitude", "--pattern", "2:4", "--eval-windows", "0",
-                 "-o", str(out)])
+                 "-o", str(out), "--compact", compact])
     assert code == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert any(key.endswith("_msp_zsizes") for key in handle.keys()) == (compact == "deflate")
     result = json.loads(capsys.readouterr().out)
     assert result["achieved_sparsity"] == pytest.approx(0.5)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert SparsityPlan.from_config(model.config).verify(model).nm_compliant
+
+
+def test_whole_split_perplexity_goes_into_the_model_card(tmp_path, capsys, monkeypatch):
+    import optimum_msp.evaluation as evaluation
+    from huggingface_hub import ModelCard
+
+    source = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(source)
+    monkeypatch.setattr(evaluation, "perplexity", lambda *args, **kwargs: 12.5)  # no tokenizer/data needed
+    for windows, folder in (("-1", "whole"), ("16", "partial")):
+        assert main(["prune", str(source), "--method", "magnitude", "--sparsity", "0.5", "--eval-windows", windows,
+                     "-o", str(tmp_path / folder)]) == 0
+    capsys.readouterr()
+    results = ModelCard.load(tmp_path / "whole" / "README.md").data.eval_results
+    assert [(r.metric_type, r.metric_value) for r in results] == [("perplexity", 12.5)]
+    assert ModelCard.load(tmp_path / "partial" / "README.md").data.eval_results is None
 
 
 def test_bad_input_exits_with_a_message(tmp_path, capsys):

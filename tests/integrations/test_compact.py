@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from optimum_msp import MSPConfig, MSPPruner, PlanError
+from optimum_msp import MSPConfig, MSPPruner, PlanError, SparsityPlan
 from optimum_msp.integrations import compact
 from optimum_msp.integrations.compact import (
     CompactFormatError,
@@ -124,11 +124,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("codec", [None, "deflate"])
 @pytest.mark.parametrize("arch, dtype, config", CASES, ids=[f"{a}-{str(d)[6:]}-{c}" for a, d, c in CASES])
-def test_compact_round_trip_is_exact(arch, dtype, config, tmp_path):
+def test_compact_round_trip_is_exact(arch, dtype, config, codec, tmp_path):
     model = _pruned(arch, dtype, **config)
     before = model.config.to_dict()
-    save_compact(model, tmp_path / "compact")
+    save_compact(model, tmp_path / "compact", codec=codec)
     saved = json.loads((tmp_path / "compact" / "config.json").read_text())
     assert saved["quantization_config"] == checkpoint_marker("compact")
     after = model.config.to_dict()
@@ -138,11 +139,14 @@ def test_compact_round_trip_is_exact(arch, dtype, config, tmp_path):
     encodings = set()
     with safe_open(str(tmp_path / "compact" / "model.safetensors"), "pt") as handle:
         keys = set(handle.keys())
-    pruned = [name for block in prunable_layers(model) for name in block]
-    for name in pruned:
-        assert f"{name}.weight_msp_meta" in keys, name
-        encodings |= {"nm" if f"{name}.weight_msp_index" in keys else "bitmask"}
-    assert encodings == ({"nm"} if "pattern" in config else {"bitmask"})
+        pruned = [name for block in prunable_layers(model) for name in block]
+        for name in pruned:
+            meta = handle.get_tensor(f"{name}.weight_msp_meta").tolist()
+            encodings.add(meta[0])
+            assert len(meta) == (8 if codec else 6), name
+            assert (f"{name}.weight_msp_zsizes" in keys) == bool(codec)
+            assert (handle.get_tensor(f"{name}.weight").dtype == torch.uint8) == bool(codec)
+    assert encodings == ({compact.NM} if "pattern" in config else {compact.BITMASK})
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compact", attn_implementation="eager")
     assert reloaded.dtype == dtype
@@ -277,3 +281,45 @@ def test_release_file_pages_only_touches_mapped_checkpoint_files(tmp_path):
     other.write_bytes(data.numpy().tobytes())
     foreign = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(other), False, other.stat().st_size))
     assert compact.release_file_pages(foreign) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8])
+def test_deflate_round_trip_across_blocks(dtype, monkeypatch):
+    monkeypatch.setattr(compact, "DEFLATE_BLOCK", 7)  # several blocks and a partial last one
+    torch.manual_seed(0)
+    values = (torch.randn(50) * 100).to(dtype)
+    data, sizes = compact.deflate(values)
+    assert data.dtype == torch.uint8 and len(sizes) == 8 * values.element_size()
+    assert _same_bits(compact.inflate(data, sizes, dtype, values.numel()), values)
+    empty, no_sizes = compact.deflate(values[:0])
+    assert compact.inflate(empty, no_sizes, dtype, 0).numel() == 0
+
+
+def test_deflate_corruption_is_a_format_error():
+    values = torch.randn(1000).to(torch.bfloat16)
+    data, sizes = compact.deflate(values)
+    broken = data.clone()
+    broken[3] ^= 0xFF
+    with pytest.raises(CompactFormatError):
+        compact.inflate(broken, sizes, torch.bfloat16, 1000)
+    with pytest.raises(CompactFormatError, match="streams"):
+        compact.inflate(data, sizes[:-1], torch.bfloat16, 1000)
+    with pytest.raises(CompactFormatError, match="bytes"):
+        compact.inflate(data, sizes, torch.bfloat16, 999)
+
+
+def test_deflated_bf16_checkpoint_loads_as_float32_and_is_smaller(tmp_path):
+    model = _wide_llama()
+    MSPPruner(model).prune(MSPConfig(method="magnitude", sparsity=0.5))
+    model = model.to(torch.bfloat16)
+    save_compact(model, tmp_path / "sparse")
+    pruner = MSPPruner(model)
+    pruner.plan = SparsityPlan.from_config(model.config)
+    pruner.save_pretrained(tmp_path / "deflate", compact="deflate")
+    assert _file_bytes(tmp_path / "deflate") < 0.9 * _file_bytes(tmp_path / "sparse")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "deflate", dtype=torch.float32)
+    assert reloaded.dtype == torch.float32
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key].float()), key
+    with pytest.raises(ValueError, match="compact must be"):
+        pruner.save_pretrained(tmp_path / "bad", compact="zip")
