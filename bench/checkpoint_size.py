@@ -1,7 +1,8 @@
 """Compact vs dense checkpoints of the bundled SmolLM2-135M: file sizes and peak memory while loading.
 
-The model is pruned with magnitude (no calibration) at each sparsity, cast to bf16, and saved twice: dense
-(``save_pretrained``, with the plan marker) and compact (``save_compact``). Each checkpoint is then loaded with
+The model is pruned with magnitude (no calibration) at each sparsity, cast to bf16, and saved three times:
+dense (``save_pretrained``, with the plan marker), compact (``save_compact``: values + bitmask / N:M indices)
+and deflate (``save_compact(codec="deflate")``: those tensors also deflated by byte plane). Each checkpoint is then loaded with
 ``AutoModelForCausalLM.from_pretrained`` in a fresh process (``optimum_msp`` imported in both cases, so the
 imports cost the same) that reports, relative to its memory just before ``from_pretrained``: the peak RSS
 while loading (``VmHWM``), the peak anonymous memory (sampled), the anonymous / file-backed RSS after loading,
@@ -29,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, set_threads  # noqa: E402
 
 COLUMNS = ["sparsity", "format", "weights_MB", "ratio", "pruned_layers_ratio", "load_peak_rss_MB",
-           "load_peak_anon_MB", "after_load_anon_MB", "after_load_file_MB", "rss_after_forward_MB", "load_s",
-           "identical"]
+           "load_peak_anon_MB", "after_load_anon_MB", "after_load_file_MB", "rss_after_forward_MB", "save_s",
+           "load_s", "identical"]
 
 
 def _memory_mb() -> dict:
@@ -142,9 +143,15 @@ def main() -> None:
             pruner.prune(MSPConfig(method="magnitude", sparsity=sparsity))
             model = pruner.model.to(torch.bfloat16)
             layers = set(SparsityPlan.from_config(model.config).layers)
-            folders = {"dense": root / f"s{sparsity}-dense", "compact": root / f"s{sparsity}-compact"}
-            save_pruned(model, folders["dense"])
-            save_compact(model, folders["compact"])
+            folders = {kind: root / f"s{sparsity}-{kind}" for kind in ("dense", "compact", "deflate")}
+            save_seconds = {}
+            for kind, folder in folders.items():
+                started = time.perf_counter()
+                if kind == "dense":
+                    save_pruned(model, folder)
+                else:
+                    save_compact(model, folder, codec="deflate" if kind == "deflate" else None)
+                save_seconds[kind] = time.perf_counter() - started
             del pruner, model
             results = {}
             for kind, folder in folders.items():
@@ -155,8 +162,8 @@ def main() -> None:
                 results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
             dense_bytes = _weights_bytes(folders["dense"])
             dense_layers = _pruned_layer_bytes(folders["dense"], layers)
-            identical = results["dense"]["digest"] == results["compact"]["digest"]
             for kind, folder in folders.items():
+                identical = results[kind]["digest"] == results["dense"]["digest"]
                 r = results[kind]
                 rows.append({
                     "sparsity": sparsity, "format": kind, "weights_MB": _weights_bytes(folder) / 1e6,
@@ -164,9 +171,10 @@ def main() -> None:
                     "pruned_layers_ratio": _pruned_layer_bytes(folder, layers) / dense_layers,
                     "load_peak_rss_MB": r["peak_rss_mb"], "load_peak_anon_MB": r["peak_anon_mb"],
                     "after_load_anon_MB": r["after_load_anon_mb"], "after_load_file_MB": r["after_load_file_mb"],
-                    "rss_after_forward_MB": r["steady_rss_mb"], "load_s": r["load_s"], "identical": identical,
+                    "rss_after_forward_MB": r["steady_rss_mb"], "save_s": save_seconds[kind], "load_s": r["load_s"],
+                    "identical": identical,
                 })
-            print(markdown_table(rows[-2:], COLUMNS), file=sys.stderr, flush=True)
+            print(markdown_table(rows[-3:], COLUMNS), file=sys.stderr, flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

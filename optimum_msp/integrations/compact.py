@@ -72,7 +72,7 @@ COMPACT_MODES = {True: None, "sparse": None, "deflate": "deflate"}
 DEFLATE = 1
 DEFLATE_BLOCK = 1 << 16  # elements per zlib stream: bounded temporaries when inflating, negligible ratio cost
 DEFLATE_LEVEL = 1  # level 6 gains ~4 % more at ~3x the time; saving a 7B model must stay practical
-_DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16, 3: torch.float64, 4: torch.uint8}
+_DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16, 3: torch.float64}  # of deflated values
 _DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
@@ -216,7 +216,8 @@ def deflate(tensor: torch.Tensor, level: int = DEFLATE_LEVEL):
     for start in range(0, tensor.numel(), DEFLATE_BLOCK):
         for plane in _byte_planes(tensor[start : start + DEFLATE_BLOCK]):
             streams.append(zlib.compress(plane.contiguous().numpy().tobytes(), level))
-    data = torch.frombuffer(bytearray(b"".join(streams)), dtype=torch.uint8) if streams else torch.empty(0, dtype=torch.uint8)
+    joined = bytearray(b"".join(streams))
+    data = torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
     return data, [len(stream) for stream in streams]
 
 
@@ -263,7 +264,9 @@ def _deflate_group(out: Dict[str, torch.Tensor], aux_key: str) -> None:
     out["weight" + META_SUFFIX] = torch.cat([meta, torch.tensor([DEFLATE, _DTYPE_CODES[values.dtype]])])
 
 
-def _inflate_group(tensors: Dict[str, torch.Tensor], aux_key: str, codec: int, dtype_code: int) -> Dict[str, torch.Tensor]:
+def _inflate_group(tensors: Dict[str, torch.Tensor], aux_key: str, codec: int, dtype_code: int
+                   ) -> Dict[str, torch.Tensor]:
+    """The group with its values and ``aux_key`` tensor inflated back (inverse of :func:`_deflate_group`)."""
     if codec != DEFLATE:
         raise CompactFormatError(f"unknown codec {codec}; this optimum-msp knows deflate ({DEFLATE}).")
     if dtype_code not in _DTYPES:
@@ -272,7 +275,9 @@ def _inflate_group(tensors: Dict[str, torch.Tensor], aux_key: str, codec: int, d
     if zsizes is None or zsizes.dtype != torch.int64 or zsizes.dim() != 1 or zsizes.numel() < 3:
         raise CompactFormatError("'weight_msp_zsizes' (int64 stream sizes) is missing or malformed.")
     header = zsizes.tolist()
-    if header[0] != DEFLATE_BLOCK or min(header) < 0:
+    if min(header) < 0:
+        raise CompactFormatError("'weight_msp_zsizes' holds negative sizes.")
+    if header[0] != DEFLATE_BLOCK:
         raise CompactFormatError(f"unsupported deflate block {header[0]} (this optimum-msp writes {DEFLATE_BLOCK}).")
     dtype = _DTYPES[dtype_code]
     count = header[1]

@@ -204,7 +204,8 @@ class LoglikelihoodScorer:
         longest = 0
         for item in items:
             size = length(item)
-            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * max(longest, size) > self.max_batch_tokens):
+            too_many_tokens = (len(batch) + 1) * max(longest, size) > self.max_batch_tokens
+            if batch and (len(batch) == self.batch_size or too_many_tokens):
                 yield batch
                 batch, longest = [], 0
             batch.append(item)
