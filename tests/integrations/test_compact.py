@@ -323,3 +323,15 @@ def test_deflated_bf16_checkpoint_loads_as_float32_and_is_smaller(tmp_path):
         assert torch.equal(value, model.state_dict()[key].float()), key
     with pytest.raises(ValueError, match="compact must be"):
         pruner.save_pretrained(tmp_path / "bad", compact="zip")
+
+
+def test_corrupted_deflate_stream_names_the_layer(tmp_path):
+    model = _pruned("llama", torch.float32, sparsity=0.5)
+    save_compact(model, tmp_path / "compact", codec="deflate")
+    path = tmp_path / "compact" / "model.safetensors"
+    tensors = load_file(path)
+    layer = "model.layers.1.mlp.up_proj"
+    tensors[f"{layer}.weight"][10:20] ^= 0x5A
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(PlanError, match=rf"{layer}.*cannot be decoded"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
