@@ -9,7 +9,7 @@ while loading (``VmHWM``), the peak anonymous memory (sampled), the anonymous / 
 and the RSS after one forward pass (every weight touched); and the load time. The parent checks that both loads
 give identical tensors (``identical``).
 
-    python bench/checkpoint_size.py                      # 50 % and 75 %, table on stdout
+    python bench/checkpoint_size.py                      # 50 % and 75 %, 5 loads each, table on stdout
     python bench/checkpoint_size.py --sparsities 0.5 --keep /tmp/ckpts
 """
 
@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, set_threads  # noqa: E402
 
 COLUMNS = ["sparsity", "format", "weights_MB", "ratio", "pruned_layers_ratio", "load_peak_rss_MB",
+           "load_peak_rss_range_MB",
            "load_peak_anon_MB", "after_load_anon_MB", "after_load_file_MB", "rss_after_forward_MB", "save_s",
            "load_s", "identical"]
 
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", default="0.5,0.75")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5, help="loads per checkpoint (memory columns: median)")
     parser.add_argument("--keep", help="write the checkpoints here (default: a temporary folder, removed)")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,18 +156,21 @@ def main() -> None:
                     save_compact(model, folder, codec="deflate" if kind == "deflate" else None)
                 save_seconds[kind] = time.perf_counter() - started
             del pruner, model
-            results = {}
-            for kind, folder in folders.items():
-                out = subprocess.run(
-                    [sys.executable, __file__, "--load-child", str(folder), "--threads", str(args.threads)],
-                    capture_output=True, text=True, check=True,
-                )
-                results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+            results = {kind: [] for kind in folders}
+            for _ in range(args.repeats):  # interleaved, so drifting load hits every format alike
+                for kind, folder in folders.items():
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--load-child", str(folder), "--threads", str(args.threads)],
+                        capture_output=True, text=True, check=True,
+                    )
+                    results[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
             dense_bytes = _weights_bytes(folders["dense"])
             dense_layers = _pruned_layer_bytes(folders["dense"], layers)
             for kind, folder in folders.items():
-                identical = results[kind]["digest"] == results["dense"]["digest"]
-                r = results[kind]
+                identical = all(run["digest"] == results["dense"][0]["digest"] for run in results[kind])
+                r = {key: statistics.median(run[key] for run in results[kind]) for key in results[kind][0]
+                     if isinstance(results[kind][0][key], (int, float))}
+                peaks = [run["peak_rss_mb"] for run in results[kind]]
                 rows.append({
                     "sparsity": sparsity, "format": kind, "weights_MB": _weights_bytes(folder) / 1e6,
                     "ratio": _weights_bytes(folder) / dense_bytes,
@@ -172,7 +178,7 @@ def main() -> None:
                     "load_peak_rss_MB": r["peak_rss_mb"], "load_peak_anon_MB": r["peak_anon_mb"],
                     "after_load_anon_MB": r["after_load_anon_mb"], "after_load_file_MB": r["after_load_file_mb"],
                     "rss_after_forward_MB": r["steady_rss_mb"], "save_s": save_seconds[kind], "load_s": r["load_s"],
-                    "identical": identical,
+                    "identical": identical, "load_peak_rss_range_MB": f"{min(peaks):.1f}-{max(peaks):.1f}",
                 })
             print(markdown_table(rows[-3:], COLUMNS), file=sys.stderr, flush=True)
     finally:

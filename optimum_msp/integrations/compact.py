@@ -37,7 +37,6 @@ under ``==`` / ``torch.equal``, identical logits), every other bit is preserved.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import math
 import mmap
@@ -401,7 +400,7 @@ def release_file_pages(tensor: torch.Tensor, suffix: str = ".safetensors") -> in
     if last <= first or not _inside_file_mapping(first, last, suffix):
         return 0
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc = ctypes.CDLL(None, use_errno=True)  # the running process: libc is loaded already
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     if _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
         return 0
