@@ -146,3 +146,13 @@ def test_bank_restores_dense_weights(evaluator_setup):
     assert not torch.equal(weight_matrix(bank.modules[name]), dense)
     bank.restore()
     assert torch.equal(weight_matrix(bank.modules[name]), dense)
+
+
+def test_bank_of_a_masking_pruner_stores_masks_and_gives_the_pruners_weights(evaluator_setup):
+    _, space, _, bank = evaluator_setup
+    for name in list(bank.modules)[:3]:
+        for level in (space.lower[0], space.upper[0]):
+            target = space.target(level)
+            expected = bank.pruner.prune(bank.dense[name].float(), bank.stats.get(name), target)
+            assert torch.equal(bank.weight(name, target), expected)
+            assert bank._pruned[(name, target)].dtype == torch.bool  # a quarter of an fp32 copy
