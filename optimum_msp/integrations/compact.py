@@ -235,13 +235,14 @@ def inflate(data: torch.Tensor, sizes, dtype: torch.dtype, count: int) -> torch.
     for block in range(blocks):
         planes = _byte_planes(out[block * DEFLATE_BLOCK : (block + 1) * DEFLATE_BLOCK])
         for plane in range(size):
-            length = sizes[block * size + plane]
-            try:
-                chunk = zlib.decompress(raw[offset : offset + length])
+            length, expected = sizes[block * size + plane], planes.shape[1]
+            stream = zlib.decompressobj()
+            try:  # bounded output: a forged stream cannot expand beyond its slot (checkpoints come from the Hub)
+                chunk = stream.decompress(raw[offset : offset + length], expected)
             except zlib.error as error:
                 raise CompactFormatError(f"a deflate stream is corrupted: {error}") from None
-            if len(chunk) != planes.shape[1]:
-                raise CompactFormatError(f"a deflate stream holds {len(chunk)} bytes, expected {planes.shape[1]}.")
+            if len(chunk) != expected or not stream.eof:
+                raise CompactFormatError(f"a deflate stream does not hold exactly {expected} bytes.")
             planes[plane] = torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
             offset += length
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -306,6 +307,9 @@ def test_deflate_corruption_is_a_format_error():
         compact.inflate(data, sizes[:-1], torch.bfloat16, 1000)
     with pytest.raises(CompactFormatError, match="bytes"):
         compact.inflate(data, sizes, torch.bfloat16, 999)
+    bomb = zlib.compress(bytes(10**7))  # 10 MB of zeros in ~10 kB: must not be expanded past its 10-byte slot
+    with pytest.raises(CompactFormatError, match="exactly 10 bytes"):
+        compact.inflate(torch.frombuffer(bytearray(bomb), dtype=torch.uint8), [len(bomb)], torch.uint8, 10)
 
 
 def test_deflated_bf16_checkpoint_loads_as_float32_and_is_smaller(tmp_path):
