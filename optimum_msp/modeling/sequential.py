@@ -26,6 +26,11 @@ class _StopForward(Exception):
     """Raised by the capture hook: nothing after the first block needs to run."""
 
 
+class BlockDone(Exception):
+    """Raised by a hook once a statistics pass has all it needs from a block: the rest of that batch's block
+    forward is skipped (its output is not kept anyway)."""
+
+
 @dataclass
 class BlockInputs:
     """What enters a decoder block, one entry per calibration batch."""
@@ -96,7 +101,12 @@ class BlockRunner:
         for j in range(len(inputs)):
             if on_batch is not None:
                 on_batch(j)
-            out = block_output(block(hidden[j], *inputs.args[j], **inputs.kwargs[j]))
+            try:
+                out = block_output(block(hidden[j], *inputs.args[j], **inputs.kwargs[j]))
+            except BlockDone:
+                if keep:
+                    raise
+                continue
             if keep:
                 outputs.append(out)
         return outputs
@@ -127,7 +137,14 @@ def _input_device(model: nn.Module) -> torch.device:
 
 class InputStatistics:
     """Per-linear statistics hooks with sharing: layers fed the same tensor (q/k/v, gate/up) share one
-    accumulator, so e.g. a Hessian is computed once per distinct input instead of once per layer."""
+    accumulator, so e.g. a Hessian is computed once per distinct input instead of once per layer.
+
+    Only inputs are needed, so the hooks run *before* each layer, and once the first batch has shown the order
+    in which the layers run, every later batch stops the block right after the last layer's input is seen:
+    that layer's matmul and whatever follows it (for LLaMA: ``down_proj`` and the residual, ~15 % of the
+    block) are skipped. Only when every layer ran exactly once in the first batch; otherwise (e.g. a mixture
+    of experts whose routing varies) every batch runs in full.
+    """
 
     def __init__(self, layers: Dict[str, nn.Module], make_stats: Callable[[int], Any]):
         self.layers = layers
@@ -135,15 +152,19 @@ class InputStatistics:
         self.stats: Dict[str, Any] = {}
         self._seen: Dict[Tuple, Tuple[torch.Tensor, Any]] = {}
         self._handles: List[Any] = []
+        self._order: List[str] = []  # layers in the order they ran in the first batch
+        self._last: Optional[str] = None  # once known, the layer whose input completes a batch
 
-    def new_batch(self, _index: int) -> None:
+    def new_batch(self, index: int) -> None:
         # Held references keep this batch's inputs alive so a freed tensor's address cannot be reused by
         # another layer's input within the batch (which would make two different inputs look shared).
         self._seen.clear()
+        if index == 1 and sorted(self._order) == sorted(self.layers):
+            self._last = self._order[-1]
 
     def __enter__(self) -> "InputStatistics":
         for name, module in self.layers.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -153,21 +174,27 @@ class InputStatistics:
         self._seen.clear()
 
     def _hook(self, name: str):
-        def hook(module, args, output):
-            x = args[0].detach()
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
-            if key in self._seen:
-                stats = self._seen[key][1]
-                self.stats.setdefault(name, stats)
-                if self.stats[name] is stats:
-                    return
-            stats = self.stats.get(name)
-            if stats is None:
-                stats = self.stats[name] = self.make_stats(x.shape[-1])
-            stats.add_batch(x.reshape(-1, x.shape[-1]))
-            self._seen[key] = (x, stats)
+        def hook(module, args):
+            self._collect(name, args[0].detach())
+            if self._last is None:
+                self._order.append(name)
+            elif name == self._last:
+                raise BlockDone
 
         return hook
+
+    def _collect(self, name: str, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        if key in self._seen:
+            stats = self._seen[key][1]
+            self.stats.setdefault(name, stats)
+            if self.stats[name] is stats:
+                return
+        stats = self.stats.get(name)
+        if stats is None:
+            stats = self.stats[name] = self.make_stats(x.shape[-1])
+        stats.add_batch(x.reshape(-1, x.shape[-1]))
+        self._seen[key] = (x, stats)
 
 
 def forward_with_statistics(
