@@ -39,11 +39,11 @@ def run_row(row: str, args) -> None:
     set_threads(args.threads)
     pruner = MSPPruner.from_pretrained(args.model)
     windows = None if args.full else args.eval_windows
-    result = {"row": row, "model": args.model, "threads": args.threads}
+    result = {"row": row, "model": args.model, "threads": args.threads, "calibration_samples": args.calibration_samples}
     if row != "dense":
         method, pattern = row.split(":", 1)
         config = MSPConfig(method=method, **({"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)}))
-        calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=0)
+        calibration = calibration_windows(pruner.tokenizer, "wikitext2", args.calibration_samples, 2048, seed=0)
         if method != "magnitude" and not args.skip_forward:
             forward = timed_block_forward(pruner.model, calibration)
             result.update(block_forward_s=forward.wall, block_forward_cpu_s=forward.cpu)
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, help="dense, or method:sparsity / method:N:M")
     parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--calibration-samples", type=int, default=32,
+                        help="2048-token calibration windows (the protocol's 32; fewer for quick cost ratios)")
     parser.add_argument("--full", action="store_true", help="evaluate on the whole test split")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-forward", action="store_true", help="do not time the reference forward pass")
