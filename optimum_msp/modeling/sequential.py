@@ -154,11 +154,13 @@ class InputStatistics:
         self._handles: List[Any] = []
         self._order: List[str] = []  # layers in the order they ran in the first batch
         self._last: Optional[str] = None  # once known, the layer whose input completes a batch
+        self._batch = 0
 
     def new_batch(self, index: int) -> None:
         # Held references keep this batch's inputs alive so a freed tensor's address cannot be reused by
         # another layer's input within the batch (which would make two different inputs look shared).
         self._seen.clear()
+        self._batch = index
         if index == 1 and sorted(self._order) == sorted(self.layers):
             self._last = self._order[-1]
 
@@ -176,7 +178,7 @@ class InputStatistics:
     def _hook(self, name: str):
         def hook(module, args):
             self._collect(name, args[0].detach())
-            if self._last is None:
+            if self._batch == 0:
                 self._order.append(name)
             elif name == self._last:
                 raise BlockDone
