@@ -52,14 +52,16 @@ def run_row(row: str, args) -> None:
         extra["population_size"] = args.population_size
     if args.generations is not None:
         extra["generations"] = args.generations
-    config = MSPConfig(method=method, allocation=allocation, fitness=args.fitness, **target, **extra)
+    if args.fitness:
+        extra["fitness"] = args.fitness
+    config = MSPConfig(method=method, allocation=allocation, **target, **extra)
     pruner = MSPPruner.from_pretrained(args.model)
     calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=0)
     with Timer() as prune:
         pruner.prune(config, calibration=calibration)
     result = {"row": row, "method": method, "target": label, "allocation": allocation, "threads": args.threads,
               "prune_s": prune.wall, "prune_cpu_s": prune.cpu, "achieved_sparsity": pruner.plan.achieved_sparsity,
-              "planned_sparsity": pruner.plan.planned_sparsity, "fitness": args.fitness}
+              "planned_sparsity": pruner.plan.planned_sparsity, "fitness": config.fitness}
     search = pruner.plan.search
     if search:
         result.update(search_s=search["search_seconds"], search_cpu_s=search.get("search_cpu_seconds"),
@@ -102,7 +104,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--fitness", default="kl")
+    parser.add_argument("--fitness", default=None, help="kl | ppl (default: MSPConfig's)")
     parser.add_argument("--population-size", type=int, default=None)
     parser.add_argument("--generations", type=int, default=None)
     parser.add_argument("--output", default=str(OUT))

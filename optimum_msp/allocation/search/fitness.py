@@ -45,7 +45,7 @@ class FitnessEvaluator:
         space: LevelSpace,
         bank: WeightBank,
         fitness_ids: torch.Tensor,
-        kind: str = "kl",
+        kind: str = "ppl",
         batch_size: int = 1,
         cache_bytes: int = 3 << 30,
     ):
