@@ -18,8 +18,7 @@ class WeightBank:
     Entries are computed on first use (a search visits only levels near its seed) and kept; an evaluation
     then only swaps tensors in. The dense weights are kept to restore the model after the search. For
     pruners that only zero weights (magnitude, Wanda) an entry is the boolean mask, a quarter of an fp32
-    weight (the bank of a 75 % Wanda search on SmolLM2 holds ~13 levels per layer); SparseGPT updates the
-    kept weights, so its entries are the pruned weights themselves.
+    weight; SparseGPT updates the kept weights, so its entries are the pruned weights themselves.
     """
 
     def __init__(self, pruner: Pruner, modules: Dict[str, nn.Module], stats: Dict[str, object]):
