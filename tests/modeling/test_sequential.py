@@ -26,12 +26,16 @@ def test_blockwise_run_reproduces_the_model(arch):
     torch.testing.assert_close(torch.cat(inputs.hidden), seen[0], atol=1e-5, rtol=1e-4)
 
 
-def test_shared_inputs_share_statistics():
-    model = tiny_model("llama")
-    runner = BlockRunner(model)
-    inputs = runner.capture(calibration_ids(samples=2, seqlen=8))
+def _first_block(samples: int):
+    """A tiny LLaMA's runner, captured inputs of ``samples`` batches, and its first block's linear layers."""
+    runner = BlockRunner(tiny_model("llama"))
+    inputs = runner.capture(calibration_ids(samples=samples, seqlen=8))
     block = runner.blocks[0]
-    layers = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    return runner, inputs, block, {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_shared_inputs_share_statistics():
+    runner, inputs, block, layers = _first_block(samples=2)
 
     class Count:
         def __init__(self, width):
@@ -93,11 +97,7 @@ def test_statistics_pass_stops_after_the_last_layer_input(arch):
 
 
 def test_no_early_stop_when_a_layer_does_not_run():
-    model = tiny_model("llama")
-    runner = BlockRunner(model)
-    inputs = runner.capture(calibration_ids(samples=3, seqlen=8))
-    block = runner.blocks[0]
-    layers = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    runner, inputs, block, layers = _first_block(samples=3)
     layers["never_called"] = torch.nn.Linear(4, 4)  # e.g. an expert no token was routed to
     outputs = []
     handle = block.register_forward_hook(lambda mod, a, out: outputs.append(out))
