@@ -67,7 +67,7 @@ def _prune(args: argparse.Namespace) -> int:
         if windows is None:  # only a whole-split number belongs in the card's model-index
             card_results.append(perplexity_result(result["wikitext2_test_ppl"], seqlen=config.seqlen))
     if args.output:
-        compact = {"none": False, "sparse": True, "deflate": "deflate"}[args.compact]
+        compact = False if args.compact == "none" else args.compact  # "sparse" / "deflate": save_pruned's modes
         pruner.save_pretrained(args.output, compact=compact, results=card_results)
         result["output"] = args.output
     print(json.dumps(result, indent=2))

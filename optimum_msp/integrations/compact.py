@@ -333,14 +333,16 @@ def encode_layer(module: nn.Module, target: Optional[LayerTarget] = None, name: 
     else:
         encoded, transposed = encode_bitmask(weight), False
     meta = torch.tensor([encoding, dim0, dim1, n, m, int(transposed)], dtype=torch.int64)
-    out = {"weight": encoded["values"], "weight" + META_SUFFIX: meta}
-    if encoding == BITMASK:
-        out["weight" + MASK_SUFFIX] = encoded["mask"]
-    else:
-        out["weight" + INDEX_SUFFIX] = encoded["index"]
+    out = {"weight": encoded["values"], "weight" + META_SUFFIX: meta,
+           _aux_key(encoding): encoded["mask" if encoding == BITMASK else "index"]}
     if codec == "deflate":
-        _deflate_group(out, "weight" + (MASK_SUFFIX if encoding == BITMASK else INDEX_SUFFIX))
+        _deflate_group(out, _aux_key(encoding))
     return out
+
+
+def _aux_key(encoding: int) -> str:
+    """The stored name of a layer's second tensor: its bitmask or its N:M indices."""
+    return "weight" + (MASK_SUFFIX if encoding == BITMASK else INDEX_SUFFIX)
 
 
 def decode_layer(tensors: Dict[str, torch.Tensor], expected_shape=None) -> torch.Tensor:
@@ -359,8 +361,7 @@ def decode_layer(tensors: Dict[str, torch.Tensor], expected_shape=None) -> torch
     if expected_shape is not None and tuple(expected_shape) != (dim0, dim1):
         raise CompactFormatError(f"stored shape [{dim0}, {dim1}] does not match the model's {list(expected_shape)}.")
     if meta.numel() == 8:
-        aux_key = "weight" + (MASK_SUFFIX if encoding == BITMASK else INDEX_SUFFIX)
-        tensors = _inflate_group(tensors, aux_key, *(int(x) for x in meta.tolist()[6:]))
+        tensors = _inflate_group(tensors, _aux_key(encoding), *(int(x) for x in meta.tolist()[6:]))
         values = tensors["weight"]
     if encoding == BITMASK:
         mask = tensors.get("weight" + MASK_SUFFIX)

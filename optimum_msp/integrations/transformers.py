@@ -333,7 +333,6 @@ class _MSPDecompress(ConversionOps):
             dense = torch.zeros(expected.shape, dtype=expected.dtype)  # replaced by an error after loading
         for tensor in tensors.values():  # decoded: their file pages need not stay resident (peak load memory)
             compact.release_file_pages(tensor)
-        del tensors, input_dict
         compact.trim_heap()
         return {full_layer_name: dense}
 

@@ -6,6 +6,7 @@ import datasets
 import evaluate
 
 from optimum_msp.evaluation.zeroshot import evaluate_tasks, list_tasks
+from optimum_msp.evaluation.zeroshot.scoring import DEFAULT_MAX_BATCH_TOKENS
 
 _DESCRIPTION = """Zero-shot multiple-choice accuracy by log-likelihood, exactly as lm-evaluation-harness defines
 each task (prompt, choices, target delimiter " ", `acc`, `acc_norm` = log-likelihood divided by the choice's
@@ -46,7 +47,8 @@ class ZeroShot(evaluate.Measurement):
         )
 
     def _compute(self, tasks, model=None, tokenizer=None, model_id=None, limit=None, batch_size=32,
-                 data_dir=None, share_context=True, show_progress=True, max_batch_tokens=4096):
+                 data_dir=None, share_context=True, show_progress=True,
+                 max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS):
         model = model if model is not None else model_id
         if model is None:
             raise ValueError("Pass model= (a model object, Hub id, folder or alias) and, for an object, tokenizer=.")
