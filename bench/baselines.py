@@ -54,6 +54,9 @@ def run_row(row: str, args) -> None:
             result["prune/forward"] = result["prune_s"] / result["block_forward_s"]
             result["prune/forward (cpu)"] = result["prune_cpu_s"] / result["block_forward_cpu_s"]
         result.update(method=method, pattern=pattern, achieved_sparsity=pruner.plan.achieved_sparsity)
+        if args.save_dir:
+            result["saved_to"] = str(Path(args.save_dir) / row.replace(":", "-"))
+            pruner.save_pretrained(result["saved_to"])
     else:
         result.update(method="dense", pattern="-", achieved_sparsity=0.0)
     result.update(wikitext_perplexity(pruner.model, pruner.tokenizer, windows))
@@ -75,6 +78,7 @@ def main() -> None:
                         help="2048-token calibration windows (the protocol's 32; fewer for quick cost ratios)")
     parser.add_argument("--full", action="store_true", help="evaluate on the whole test split")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-dir", help="also save each pruned model to <save-dir>/<row> (e.g. for bench/zeroshot.py)")
     parser.add_argument("--skip-forward", action="store_true", help="do not time the reference forward pass")
     parser.add_argument("--output", default=str(OUT))
     parser.add_argument("--table", action="store_true", help="only print the table of recorded rows")

@@ -3,6 +3,7 @@ throughput of shared-context (KV-cache reuse) scoring against naive per-choice s
 
     python bench/zeroshot.py --limit 500 --threads 1                      # dense only
     python bench/zeroshot.py --model path/to/pruned --limit 500          # dense + pruned
+    python bench/zeroshot.py --model path/to/pruned --no-dense --no-speed  # pruned column only
 
 Prints markdown tables (accuracy ± lm-eval stderr, n, wall time; then examples/s of both scoring modes on the
 first --speed-limit documents of each task, tokenization excluded, same batch size).
@@ -32,15 +33,18 @@ def parse_args(argv=None):
     parser.add_argument("--model", action="append", default=[], help="pruned model folder / Hub id (repeatable)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated task names")
     parser.add_argument("--limit", type=float, default=500, help="first N documents per task (lm-eval --limit)")
+    parser.add_argument("--full", action="store_true", help="whole splits (no --limit)")
     parser.add_argument("--speed-limit", type=int, default=100, help="documents per task for the throughput table")
     parser.add_argument("--no-speed", action="store_true", help="skip the throughput comparison")
+    parser.add_argument("--no-dense", action="store_true",
+                        help="accuracy columns for the --model folders only (the dense column already measured)")
     parser.add_argument("--speed-only", action="store_true", help="only the throughput comparison (dense model)")
     parser.add_argument("--repeats", type=int, default=2, help="timing runs per mode (fastest kept)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write all numbers to this file")
     args = parser.parse_args(argv)
-    args.limit = int(args.limit) if args.limit >= 1 else args.limit
+    args.limit = None if args.full else int(args.limit) if args.limit >= 1 else args.limit
     args.tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
     return args
 
@@ -126,15 +130,13 @@ def main(argv=None):
               "threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
     columns = []
     dense_model = None
-    models = [("dense", DENSE)] + [(f"model {i + 1}", path) for i, path in enumerate(args.model)]
-    if args.speed_only:
-        models = models[:1]
+    models = [] if args.no_dense or args.speed_only else [("dense", DENSE)]
+    if not args.speed_only:
+        models += [(f"model {i + 1}", path) for i, path in enumerate(args.model)]
     for label, name in models:
         model, tokenizer = load_model(name), load_tokenizer(name)
-        if dense_model is None:
+        if name == DENSE:
             dense_model = (model, tokenizer)
-        if args.speed_only:
-            continue
         results = zeroshot.evaluate_tasks(model, tokenizer, tasks=args.tasks, limit=args.limit,
                                           batch_size=args.batch_size)
         columns.append((label, results))
@@ -142,10 +144,12 @@ def main(argv=None):
     out = [f"Command: `{report['command']}`", ""]
     if columns:
         out += [f"torch {torch.__version__}, {args.threads} thread(s), batch size {args.batch_size}, "
-                f"limit {args.limit}, 0-shot; models: "
+                f"limit {args.limit or 'none (full splits)'}, 0-shot; models: "
                 + ", ".join(f"{label} = `{report[label]['name']}`" for label, _ in columns), "",
                 accuracy_table(columns)]
     if not args.no_speed:
+        if dense_model is None:
+            dense_model = (load_model(DENSE), load_tokenizer(DENSE))
         rows = measure_throughput(*dense_model, args.tasks, args.speed_limit, args.batch_size, args.repeats)
         report["throughput"] = [dict(zip(("task", "docs", "requests", "shared_s", "naive_s", "max_abs_ll_diff"), row))
                                 for row in rows]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from optimum_msp.evaluation import zeroshot
-from optimum_msp.evaluation.zeroshot import hellaswag
+from optimum_msp.evaluation.zeroshot import hellaswag, scoring
 from optimum_msp.evaluation.zeroshot.data import resolve_limit
 from optimum_msp.evaluation.zeroshot.evaluator import _aggregate
 from optimum_msp.evaluation.zeroshot.registry import MULTIPLE_CHOICE, DocRequests, ZeroShotTask
@@ -146,6 +146,28 @@ def test_token_cap_bounds_every_forward(model, tokenizer, share_context):
     for (rows, width), cache in shapes:
         cached = cache.get_seq_length() if cache is not None else 0
         assert rows == 1 or rows * (width + cached) <= 24
+
+
+def test_batches_cut_where_padding_would_waste_compute(model, tokenizer):
+    """Sorted longest first, a batch stops taking much shorter items once it is big enough to be worth a forward."""
+    scorer = LoglikelihoodScorer(model, tokenizer, batch_size=64, show_progress=False, max_batch_tokens=10**6)
+    lengths = [100, 100, 100, 95, 50, 50, 49, 10]
+    batches = [[lengths[i] for i in batch] for batch in scorer._batches(range(len(lengths)), lengths.__getitem__)]
+    # 100 x 4 rows reach the minimum size; 50 would pad by half: new batch. 50-49 ok; 10 is too short again
+    # but 3 rows x 50 are still below the minimum, so it stays (tiny batches cost more than their padding).
+    assert batches == [[100, 100, 100, 95], [50, 50, 49, 10]]
+    assert sum(batches, []) == lengths
+
+
+def test_context_windows_are_bounded_in_tokens(model, tokenizer):
+    """The caches held at once (for regrouping continuations) stay within a few token budgets."""
+    scorer = LoglikelihoodScorer(model, tokenizer, batch_size=64, show_progress=False, max_batch_tokens=10)
+    groups = [(tuple(range(12)), [2 * i, 2 * i + 1]) for i in range(20)]
+    windows = list(scorer._windows(groups))
+    assert len(windows) > 1
+    assert [group for window in windows for group in window] == groups
+    for window in windows:
+        assert len(window) == 1 or sum(len(context) for context, _ in window) <= 10 * scoring._WINDOW_CONTEXT_BUDGETS
 
 
 def test_all_tiny_architectures_agree_with_reference(tokenizer):

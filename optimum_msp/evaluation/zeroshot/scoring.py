@@ -42,7 +42,15 @@ TokenPair = Tuple[Tuple[int, ...], Tuple[int, ...]]  # (context ids, continuatio
 Score = Tuple[float, bool]  # (loglikelihood, is_greedy)
 
 _PAD_ID = 0  # any valid id: padded positions are never read
-_WINDOW_BATCHES = 4  # context caches kept at once, in batches of requests (memory vs. regrouping freedom)
+# Context caches held at once, so continuations can be regrouped by length: at most this many batches of
+# requests and this many ``max_batch_tokens`` of context (memory vs. regrouping freedom). Measured on
+# HellaSwag (short contexts, skewed answer lengths): 4 batches padded continuations by 43 %, 16 by 5 %.
+_WINDOW_BATCHES = 16
+_WINDOW_CONTEXT_BUDGETS = 4
+# A batch is cut early when the next (shorter) item would pad by more than this fraction of the batch's
+# longest item, once the batch holds _MIN_BATCH_TOKENS: padded positions cost as much as real ones.
+_PAD_TOLERANCE = 0.15
+_MIN_BATCH_TOKENS = 256
 DEFAULT_MAX_BATCH_TOKENS = 4096  # rows x padded length per forward (32 rows of 128 tokens)
 
 
@@ -150,15 +158,18 @@ class LoglikelihoodScorer:
         return shared, alone
 
     def _windows(self, groups):
-        """Runs of groups totalling about ``_WINDOW_BATCHES`` batches of requests: their context caches are
-        held at once so that continuations can be regrouped by length (bounded memory)."""
-        window, rows = [], 0
+        """Runs of groups whose context caches are held at once so that continuations can be regrouped by
+        length: bounded in rows (``_WINDOW_BATCHES`` batches) and in context tokens (memory)."""
+        window, rows, tokens = [], 0, 0
         for group in groups:
-            if window and rows + len(group[1]) > self.batch_size * _WINDOW_BATCHES:
+            too_many_rows = rows + len(group[1]) > self.batch_size * _WINDOW_BATCHES
+            too_many_tokens = tokens + len(group[0]) > self.max_batch_tokens * _WINDOW_CONTEXT_BUDGETS
+            if window and (too_many_rows or too_many_tokens):
                 yield window
-                window, rows = [], 0
+                window, rows, tokens = [], 0, 0
             window.append(group)
             rows += len(group[1])
+            tokens += len(group[0])
         if window:
             yield window
 
@@ -198,14 +209,16 @@ class LoglikelihoodScorer:
         return {index: (float(value), bool(is_greedy)) for index, (value, is_greedy) in scores.items()}
 
     def _batches(self, items, length: Callable[[Any], int]) -> Iterator[list]:
-        """Consecutive runs of ``items`` with at most ``batch_size`` rows and rows x longest ``length`` at most
-        ``max_batch_tokens`` (a single longer item still gets a batch of its own)."""
+        """Consecutive runs of ``items`` (sorted longest first) with at most ``batch_size`` rows and rows x
+        longest ``length`` at most ``max_batch_tokens`` (a single longer item still gets a batch of its own),
+        cut early where padding the next item would waste more than ``_PAD_TOLERANCE``."""
         batch: list = []
         longest = 0
         for item in items:
             size = length(item)
             too_many_tokens = (len(batch) + 1) * max(longest, size) > self.max_batch_tokens
-            if batch and (len(batch) == self.batch_size or too_many_tokens):
+            wasteful = size < (1 - _PAD_TOLERANCE) * longest and len(batch) * longest >= _MIN_BATCH_TOKENS
+            if batch and (len(batch) == self.batch_size or too_many_tokens or wasteful):
                 yield batch
                 batch, longest = [], 0
             batch.append(item)
