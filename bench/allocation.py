@@ -70,6 +70,7 @@ def run_row(row: str, args) -> None:
                       best_fitness=search["best_fitness"], uniform_fitness=search["uniform_fitness"],
                       fisher_fitness=search["fisher_fitness"], history=search["history"],
                       fisher_s=search["fisher_seconds"], blocks_run=search["blocks_run"],
+                      search_memory_mb=search.get("memory_mb"),
                       population_size=config.population_size, generations=config.generations)
         result["dense_fwd_evals_per_s"] = 1.0 / _dense_fitness_forward_seconds(pruner, config)
     result["levels"] = sorted({layer.target.describe() for layer in pruner.plan.layers.values()})

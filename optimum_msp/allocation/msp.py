@@ -62,6 +62,7 @@ def msp(context: AllocationContext) -> Allocation:
         best = search.run()
         search_seconds = time.perf_counter() - search_started
         search_cpu_seconds = time.process_time() - search_cpu_started
+        memory = {name: round(size / 2**20, 1) for name, size in {**bank.nbytes(), **evaluator.nbytes()}.items()}
     finally:
         bank.restore()
     fitness = search.state.fitness
@@ -81,6 +82,7 @@ def msp(context: AllocationContext) -> Allocation:
         "search_seconds": round(search_seconds, 2),
         "search_cpu_seconds": round(search_cpu_seconds, 2),  # robust to other processes on the machine
         "blocks_run": evaluator.blocks_run,
+        "memory_mb": memory,  # what the search held (peak RSS also has the model, statistics, allocator slack)
         "levels": [space.sparsity(s) for s in best],
     }
     logger.info("MSP search: best %s fitness %.5f (Fisher seed %.5f, uniform %s) after %d evaluations in %.0fs",

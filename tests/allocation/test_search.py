@@ -156,3 +156,24 @@ def test_bank_of_a_masking_pruner_stores_masks_and_gives_the_pruners_weights(eva
             expected = bank.pruner.prune(bank.dense[name].float(), bank.stats.get(name), target)
             assert torch.equal(bank.weight(name, target), expected)
             assert bank._pruned[(name, target)].dtype == torch.bool  # a quarter of an fp32 copy
+
+
+def test_memory_accounting_counts_what_the_search_holds(evaluator_setup):
+    model, space, runner, shared_bank = evaluator_setup
+    shared_bank.restore()
+    bank = WeightBank(shared_bank.pruner, shared_bank.modules, shared_bank.stats)  # empty
+    ids = calibration_ids(2, 32, seed=11)
+    evaluator = FitnessEvaluator(runner, space, bank, ids, kind="ppl")
+    entry = sum(h.numel() * h.element_size() for h in evaluator.inputs.hidden)
+    assert evaluator.nbytes() == {"fitness_inputs": entry, "hidden_cache_peak": 0, "reference_logprobs": 0}
+    assert bank.nbytes()["bank"] == 0
+    evaluator(space.quantize([0.5, 0.6, 0.7]))
+    # one cached output per block; one bank entry per layer, a boolean mask (one byte per weight)
+    assert evaluator.nbytes()["hidden_cache_peak"] == len(runner.blocks) * entry
+    assert len(bank._pruned) == len(bank.modules)
+    assert bank.nbytes()["bank"] == sum(weight.numel() for weight in bank.dense.values())
+    assert bank.nbytes()["dense_copy"] == sum(w.numel() * 4 for w in bank.dense.values())
+    kl = FitnessEvaluator(runner, space, bank, ids, kind="kl")
+    vocab = model.config.vocab_size
+    assert kl.nbytes()["reference_logprobs"] == ids.numel() * vocab * 4
+    bank.restore()

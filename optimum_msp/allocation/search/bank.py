@@ -42,6 +42,13 @@ class WeightBank:
             return (dense.float() * self._pruned[key]).to(dense.dtype)
         return self._pruned[key]
 
+    def nbytes(self) -> Dict[str, int]:
+        """Memory held: the bank's entries, and the dense copy kept to restore the model."""
+        return {
+            "bank": sum(entry.numel() * entry.element_size() for entry in self._pruned.values()),
+            "dense_copy": sum(weight.numel() * weight.element_size() for weight in self.dense.values()),
+        }
+
     @torch.no_grad()
     def load(self, name: str, target: LayerTarget) -> None:
         """Put the pruned weight for ``target`` into the model (no-op if it is there already)."""

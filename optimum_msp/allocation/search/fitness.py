@@ -63,8 +63,9 @@ class FitnessEvaluator:
         # genome entries that decide blocks 0..b: the cache key of block b's output
         self._prefix_end = [sum(1 for ub in space.unit_blocks if ub <= b) for b in range(count)]
         self._cache: "OrderedDict[Tuple, List[torch.Tensor]]" = OrderedDict()
-        per_entry = sum(h.numel() * h.element_size() for h in self.inputs.hidden)
-        self._cache_entries = max(count, cache_bytes // max(per_entry, 1))
+        self._entry_bytes = sum(h.numel() * h.element_size() for h in self.inputs.hidden)
+        self._cache_entries = max(count, cache_bytes // max(self._entry_bytes, 1))
+        self._cache_peak_entries = 0
         self.blocks_run = 0
         self.evaluations = 0
         self.reference: Optional[List[torch.Tensor]] = None
@@ -72,6 +73,15 @@ class FitnessEvaluator:
             bank.restore()
             # fp32: KL is a small difference of log-probabilities, bf16 would swamp it
             self.reference = [F.log_softmax(l, dim=-1) for l in self._logits(self._run_dense())]
+
+    def nbytes(self) -> Dict[str, int]:
+        """Memory held: the block inputs of the fitness windows, the peak of the prefix cache of block
+        outputs, and the dense reference log-probabilities (``kl`` fitness only)."""
+        return {
+            "fitness_inputs": self._entry_bytes,
+            "hidden_cache_peak": self._cache_peak_entries * self._entry_bytes,
+            "reference_logprobs": sum(r.numel() * r.element_size() for r in self.reference or ()),
+        }
 
     def _block_returns_tuple(self) -> bool:
         with torch.no_grad():
@@ -141,6 +151,7 @@ class FitnessEvaluator:
             self._cache[self._key(block, genome)] = hidden
             while len(self._cache) > self._cache_entries:
                 self._cache.popitem(last=False)
+            self._cache_peak_entries = max(self._cache_peak_entries, len(self._cache))
         self.evaluations += 1
         value = self._loss(self._logits(hidden))
         return value if math.isfinite(value) else float("inf")
