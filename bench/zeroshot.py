@@ -4,6 +4,7 @@ throughput of shared-context (KV-cache reuse) scoring against naive per-choice s
     python bench/zeroshot.py --limit 500 --threads 1                      # dense only
     python bench/zeroshot.py --model path/to/pruned --limit 500          # dense + pruned
     python bench/zeroshot.py --model path/to/pruned --no-dense --no-speed  # pruned column only
+    python bench/zeroshot.py --merge dense.json pruned.json            # one table from saved --json reports
 
 Prints markdown tables (accuracy ± lm-eval stderr, n, wall time; then examples/s of both scoring modes on the
 first --speed-limit documents of each task, tokenization excluded, same batch size).
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write all numbers to this file")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="only print one accuracy table from the model columns of saved --json reports")
     args = parser.parse_args(argv)
     args.limit = None if args.full else int(args.limit) if args.limit >= 1 else args.limit
     args.tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
@@ -121,8 +124,28 @@ def _load_average():
         return "n/a"
 
 
+def merged_table(paths) -> str:
+    """The accuracy columns of several saved reports side by side (each labelled by its model name)."""
+    from optimum_msp.evaluation.zeroshot import TaskResult, ZeroShotResults
+
+    columns = []
+    for path in paths:
+        with open(path) as handle:
+            report = json.load(handle)
+        for entry in report.values():
+            if isinstance(entry, dict) and "results" in entry:
+                results = {task: TaskResult(**fields) for task, fields in entry["results"].items()}
+                columns.append((os.path.basename(entry["name"].rstrip("/")), ZeroShotResults(results)))
+    tasks = set.intersection(*(set(results.results) for _, results in columns))
+    columns = [(label, ZeroShotResults({task: r[task] for task in r.results if task in tasks})) for label, r in columns]
+    return accuracy_table(columns)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        sys.stdout.write(merged_table(args.merge) + "\n")
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
