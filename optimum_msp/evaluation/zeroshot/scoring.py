@@ -44,7 +44,8 @@ Score = Tuple[float, bool]  # (loglikelihood, is_greedy)
 _PAD_ID = 0  # any valid id: padded positions are never read
 # Context caches held at once, so continuations can be regrouped by length: at most this many batches of
 # requests and this many ``max_batch_tokens`` of context (memory vs. regrouping freedom). Measured on
-# HellaSwag (short contexts, skewed answer lengths): 4 batches padded continuations by 43 %, 16 by 5 %.
+# HellaSwag (short contexts, skewed answer lengths): 4 batches padded continuations by 43 %, 16 with the
+# early cut below by 5 %.
 _WINDOW_BATCHES = 16
 _WINDOW_CONTEXT_BUDGETS = 4
 # A batch is cut early when the next (shorter) item would pad by more than this fraction of the batch's
