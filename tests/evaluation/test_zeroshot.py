@@ -170,6 +170,26 @@ def test_context_windows_are_bounded_in_tokens(model, tokenizer):
         assert len(window) == 1 or sum(len(context) for context, _ in window) <= 10 * scoring._WINDOW_CONTEXT_BUDGETS
 
 
+def test_target_scores_equal_log_softmax_and_argmax_with_first_index_ties():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 50) * 4
+    targets = torch.randint(0, 50, (3, 5))
+    targets[0, 3:] = -1  # unscored tail
+    logits[1, :, 7] = 40.0  # row 1: every target is the argmax
+    targets[1] = 7
+    logits[2, :, 7] = 40.0  # row 2: the target ties the maximum at a later index, which argmax does not pick
+    logits[2, 2, 9] = 40.0
+    targets[2] = 7
+    targets[2, 2] = 9
+    sums, greedy = scoring._score_targets(logits, targets)
+    logprobs = F.log_softmax(logits, dim=-1)
+    scored = targets >= 0
+    expected = torch.where(scored, logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0], 0.0).sum(1)
+    torch.testing.assert_close(sums, expected)
+    expected_greedy = ((logprobs.argmax(-1) == targets) | ~scored).all(1)
+    assert greedy.tolist() == expected_greedy.tolist() == [False, True, False]
+
+
 def test_all_tiny_architectures_agree_with_reference(tokenizer):
     """Every architecture of the shared tiny-model matrix (incl. a sliding window shorter than the texts)."""
     tiny_models = pytest.importorskip("tiny_models")
