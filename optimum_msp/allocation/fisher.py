@@ -9,7 +9,6 @@ Results are cached on disk, keyed by model weights, data and settings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -19,30 +18,18 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from ..utils.paths import cache_dir
 from .base import Allocation, AllocationContext, register_allocator
+from .cache import cache_path, fingerprint, write_atomically
 from .levels import LevelSpace
 
 logger = logging.getLogger(__name__)
-
-
-def _fingerprint(model: nn.Module, layers: Dict[str, nn.Module], ids: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    digest.update(str(getattr(model.config, "_name_or_path", "")).encode())
-    digest.update(ids.cpu().numpy().tobytes())
-    for name, module in layers.items():
-        weight = module.weight.detach()
-        digest.update(name.encode())
-        digest.update(f"{weight.double().sum().item():.10e}|{weight.double().abs().sum().item():.10e}".encode())
-    return digest.hexdigest()[:24]
 
 
 def fisher_traces(
     model: nn.Module, layers: Dict[str, nn.Module], ids: torch.Tensor, use_cache: bool = True
 ) -> Dict[str, float]:
     """Empirical Fisher trace of every layer in ``layers`` over the sequences of ``ids`` ([n, seqlen])."""
-    key = _fingerprint(model, layers, ids)
-    path = cache_dir() / "fisher" / f"{key}.json"
+    path = cache_path("fisher", fingerprint(model, layers, ids), ".json")
     if use_cache and path.is_file():
         logger.info("Fisher traces read from cache %s", path)
         return json.loads(path.read_text())
@@ -77,10 +64,7 @@ def fisher_traces(
             parameter.grad = None
         model.train(was_training)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(traces))
-        temporary.replace(path)
+        write_atomically(path, lambda temporary: temporary.write_text(json.dumps(traces)))
     return traces
 
 

@@ -7,12 +7,12 @@ import time
 
 import torch
 
-from ..apply import dense_statistics
 from ..data import calibration_text_ids, sample_starts, take_windows
 from ..pruners import get_pruner
 from .base import Allocation, AllocationContext, register_allocator
 from .fisher import fisher_genome
 from .levels import LevelSpace
+from .statistics import dense_layer_statistics
 from .search import EvolutionarySearch, FitnessEvaluator, WeightBank
 
 logger = logging.getLogger(__name__)
@@ -42,11 +42,7 @@ def msp(context: AllocationContext) -> Allocation:
     fisher_done = time.perf_counter()
 
     pruner = get_pruner(config.method, block_size=config.block_size, dampening=config.dampening)
-    stats = {}
-    if pruner.needs_calibration:
-        for _index, block_stats in dense_statistics(context.runner, context.layers, context.calibration,
-                                                    pruner.new_statistics, config.batch_size):
-            stats.update(block_stats)
+    stats = dense_layer_statistics(context, pruner.new_statistics) if pruner.needs_calibration else {}
     modules = {name: module for block in context.layers for name, module in block.items()}
     bank = WeightBank(pruner, modules, stats)
     try:

@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import torch
 
-from ..apply import dense_statistics
 from ..modeling.blocks import weight_matrix
 from ..pruners.wanda import InputNorms
 from .base import Allocation, AllocationContext, register_allocator
 from .levels import LevelSpace
+from .statistics import dense_layer_statistics
 
 
 def outlier_ratios(context: AllocationContext) -> dict:
     """Outlier ratio of every decoder block that has targeted layers."""
     config = context.config
+    stats = dense_layer_statistics(context, InputNorms, desc="OWL outliers")
     ratios = {}
-    for index, stats in dense_statistics(context.runner, context.layers, context.calibration, InputNorms,
-                                         config.batch_size, desc="OWL outliers"):
+    for index, block in enumerate(context.layers):
+        if not block:
+            continue
         scores = [
             (weight_matrix(module).abs().float() * stats[name].norms.unsqueeze(0)).flatten()
-            for name, module in context.layers[index].items()
+            for name, module in block.items()
         ]
         scores = torch.cat(scores)
         ratios[index] = float((scores > config.owl_threshold * scores.mean()).float().mean())

@@ -29,6 +29,7 @@ class InputHessian:
     """
 
     BLOCK = 256
+    STATE = ("xtx",)  # the tensors that, with ``tokens``, are the whole accumulated state (cache)
 
     def __init__(self, in_features: int):
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32)

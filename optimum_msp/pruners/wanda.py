@@ -8,6 +8,8 @@ from .base import PRUNERS, ScorePruner
 class InputNorms:
     """Running sum over calibration tokens of x_j^2 for every input feature j."""
 
+    STATE = ("sum_squares",)  # the tensors that, with ``tokens``, are the whole accumulated state (cache)
+
     def __init__(self, in_features: int):
         self.sum_squares = torch.zeros(in_features, dtype=torch.float64)
         self.tokens = 0

@@ -1,0 +1,87 @@
+"""Input statistics of the dense model for allocators (OWL's outlier ratios, the MSP search's weight bank).
+
+Gathering them costs the two passes of a uniform prune, and they depend only on the model's weights, the
+calibration windows and the kind of statistics (Wanda's input norms, SparseGPT's Hessians). Like the
+Fisher traces they are cached on disk, so trying other search settings, targets or allocations on the same
+model and data skips those passes. Layers that read the same input share one accumulator, in memory and in
+the cache file. A SparseGPT entry for SmolLM2-135M is ~0.4 GB (one Hessian per distinct input).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..apply import dense_statistics
+from .base import AllocationContext
+from .cache import cache_path, fingerprint, write_atomically
+
+logger = logging.getLogger(__name__)
+
+
+def dense_layer_statistics(
+    context: AllocationContext, make_stats: Callable[[int], Any], desc: str = "Dense statistics",
+    use_cache: bool = True,
+) -> Dict[str, Any]:
+    """Input statistics of every layer of ``context.layers`` on the dense model, from the cache if possible."""
+    if context.calibration is None:
+        raise ValueError("Input statistics need calibration data.")
+    layers = {name: module for block in context.layers for name, module in block.items()}
+    kind = type(make_stats(1)).__name__
+    path = cache_path("statistics", fingerprint(context.model, layers, context.calibration, kind,
+                                                context.config.batch_size), ".safetensors")
+    if use_cache and path.is_file():
+        try:
+            stats = _load(path, make_stats, layers)
+            logger.info("%s read from cache %s", kind, path)
+            return stats
+        except Exception as error:  # a damaged entry costs a recomputation, never a failed prune
+            logger.warning("Ignoring the unreadable statistics cache %s (%s); recomputing.", path, error)
+    stats: Dict[str, Any] = {}
+    for _index, block_stats in dense_statistics(context.runner, context.layers, context.calibration, make_stats,
+                                                context.config.batch_size, desc=desc):
+        stats.update(block_stats)
+    if use_cache and all(hasattr(stat, "STATE") for stat in stats.values()):
+        write_atomically(path, lambda temporary: _save(stats, temporary))
+    return stats
+
+
+def _save(stats: Dict[str, Any], path: Path) -> None:
+    slots: Dict[int, int] = {}
+    tensors, layers, tokens, widths = {}, {}, {}, {}
+    for name, stat in stats.items():
+        if id(stat) not in slots:
+            slot = slots[id(stat)] = len(slots)
+            tokens[slot], widths[slot] = stat.tokens, getattr(stat, stat.STATE[0]).shape[0]
+            for field in stat.STATE:
+                tensors[f"{slot}.{field}"] = getattr(stat, field).contiguous()
+        layers[name] = slots[id(stat)]
+    metadata = {"layers": json.dumps(layers), "tokens": json.dumps(tokens), "in_features": json.dumps(widths)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _load(path: Path, make_stats: Callable[[int], Any], layers: Dict[str, Any]) -> Dict[str, Any]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    names = json.loads(metadata["layers"])
+    if set(names) != set(layers):
+        raise ValueError("the entry was written for other layers")
+    tokens, widths = json.loads(metadata["tokens"]), json.loads(metadata["in_features"])
+    shared = {}
+    for slot, width in widths.items():
+        stat = make_stats(width)
+        for field in stat.STATE:
+            value = tensors[f"{slot}.{field}"]
+            expected = getattr(stat, field)
+            if value.shape != expected.shape or value.dtype != expected.dtype:
+                raise ValueError(f"{field} is {value.dtype}{list(value.shape)}, expected {expected.dtype}{list(expected.shape)}")
+            setattr(stat, field, value)
+        stat.tokens = tokens[slot]
+        shared[slot] = stat
+    return {name: shared[str(slot)] for name, slot in names.items()}

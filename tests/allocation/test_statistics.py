@@ -1,0 +1,91 @@
+import logging
+
+import pytest
+import torch
+
+from optimum_msp import MSPConfig, MSPPruner
+from optimum_msp.allocation import statistics
+from optimum_msp.allocation.base import AllocationContext
+from optimum_msp.modeling.blocks import select_linears
+from optimum_msp.modeling.sequential import BlockRunner
+from optimum_msp.pruners.sparsegpt import InputHessian
+from optimum_msp.pruners.wanda import InputNorms
+from tiny_models import calibration_ids, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMUM_MSP_CACHE", str(tmp_path / "cache"))
+
+
+def _context(arch="llama", seed=0):
+    model = tiny_model(arch)
+    runner = BlockRunner(model)
+    layers = [select_linears(block, f"{runner.block_prefix}.{i}") for i, block in enumerate(runner.blocks)]
+    return AllocationContext(model, MSPConfig(method="sparsegpt"), layers, calibration_ids(3, 16, seed=seed), runner)
+
+
+def _state(stats):
+    return {name: (stat.tokens, [getattr(stat, field).clone() for field in stat.STATE]) for name, stat in stats.items()}
+
+
+def _cache_files(tmp_path):
+    folder = tmp_path / "cache" / "statistics"
+    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("make_stats", [InputNorms, InputHessian])
+def test_cached_statistics_equal_computed_ones_and_keep_sharing(make_stats, tmp_path, monkeypatch):
+    context = _context()
+    computed = statistics.dense_layer_statistics(context, make_stats)
+    assert len(_cache_files(tmp_path)) == 1
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a cache hit must not run the model")
+
+    monkeypatch.setattr(statistics, "dense_statistics", no_forward)
+    cached = statistics.dense_layer_statistics(context, make_stats)
+    assert cached.keys() == computed.keys()
+    for name, (tokens, tensors) in _state(computed).items():
+        assert cached[name].tokens == tokens == 3 * 16
+        for value, expected in zip(_state(cached)[name][1], tensors):
+            assert torch.equal(value, expected)
+    # q/k/v read the same input: one accumulator, in memory and after a cache round trip
+    q, k, v = (f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+    assert computed[q] is computed[k] is computed[v]
+    assert cached[q] is cached[k] is cached[v]
+    assert cached[q] is not cached["model.layers.0.mlp.down_proj"]
+
+
+def test_cache_is_keyed_by_data_and_kind(tmp_path):
+    statistics.dense_layer_statistics(_context(), InputNorms)
+    statistics.dense_layer_statistics(_context(), InputHessian)
+    statistics.dense_layer_statistics(_context(seed=1), InputNorms)
+    statistics.dense_layer_statistics(_context(), InputNorms)  # a hit: no new entry
+    assert len(_cache_files(tmp_path)) == 3
+
+
+def test_damaged_entry_is_recomputed_with_a_warning(tmp_path, caplog):
+    expected = _state(statistics.dense_layer_statistics(_context(), InputNorms))
+    (entry,) = _cache_files(tmp_path)
+    entry.write_bytes(entry.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="optimum_msp.allocation.statistics"):
+        again = statistics.dense_layer_statistics(_context(), InputNorms)
+    assert "unreadable statistics cache" in caplog.text
+    for name, (tokens, tensors) in expected.items():
+        assert again[name].tokens == tokens and torch.equal(again[name].sum_squares, tensors[0])
+    assert statistics._load(entry, InputNorms, again)  # rewritten whole
+
+
+@pytest.mark.parametrize("allocation", ["owl", "msp"])
+def test_warm_cache_gives_the_same_plan(allocation):
+    def plan():
+        pruner = MSPPruner(tiny_model("llama"))
+        pruner.prune(MSPConfig(method="wanda", sparsity=0.7, allocation=allocation, population_size=4,
+                               generations=1, fisher_samples=2),
+                     calibration=calibration_ids(4, 32), fitness_ids=calibration_ids(2, 32, seed=7))
+        return {name: layer.target for name, layer in pruner.plan.layers.items()}, pruner.model.state_dict()
+
+    (cold_plan, cold_weights), (warm_plan, warm_weights) = plan(), plan()
+    assert cold_plan == warm_plan
+    assert all(torch.equal(cold_weights[key], warm_weights[key]) for key in cold_weights)
