@@ -159,6 +159,18 @@ def test_batches_cut_where_padding_would_waste_compute(model, tokenizer):
     assert sum(batches, []) == lengths
 
 
+def test_continuation_batches_judge_padding_on_new_tokens_only(model, tokenizer):
+    """Rows of equal continuation width are not cut apart by their (varying) cached context lengths, which
+    still count against the token cap."""
+    scorer = LoglikelihoodScorer(model, tokenizer, batch_size=4, show_progress=False, max_batch_tokens=10**6)
+    contexts = [300, 20, 280, 10, 250, 30, 320, 15]  # the continuation of every row is 10 tokens wide
+    with_context = lambda i: contexts[i] + 10  # noqa: E731
+    assert list(scorer._batches(range(8), with_context, padded=lambda i: 10)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert len(list(scorer._batches(range(8), with_context))) > 2  # judged on context + continuation: cut apart
+    scorer.max_batch_tokens = 1000  # the cap still counts the context: 4 rows x 330 > 1000
+    assert list(scorer._batches(range(8), with_context, padded=lambda i: 10)) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
 def test_context_windows_are_bounded_in_tokens(model, tokenizer):
     """The caches held at once (for regrouping continuations) stay within a few token budgets."""
     scorer = LoglikelihoodScorer(model, tokenizer, batch_size=64, show_progress=False, max_batch_tokens=10)

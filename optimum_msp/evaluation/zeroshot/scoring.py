@@ -202,29 +202,38 @@ class LoglikelihoodScorer:
         longer = [(group_id, index) for group_id, (_, indices) in enumerate(groups) for index in indices
                   if len(pairs[index][1]) > 1]
         longer.sort(key=lambda row: (-len(pairs[row[1]][1]), row[1]))
-        # a continuation row attends over its context's cache too: count both
-        for chunk in self._batches(longer, lambda row: states[row[0]][0] + len(pairs[row[1]][1])):
+        # a continuation row attends over its context's cache too: count both against the token cap, but
+        # judge padding on the new tokens only (the context length varies at random along this order)
+        for chunk in self._batches(longer, lambda row: states[row[0]][0] + len(pairs[row[1]][1]),
+                                   padded=lambda row: len(pairs[row[1]][1])):
             sums, greedy = self._run_continuations([states[g] for g, _ in chunk], [pairs[i][1] for _, i in chunk])
             for row, (_, index) in enumerate(chunk):
                 scores[index][0] += sums[row].item()
                 scores[index][1] = scores[index][1] and bool(greedy[row].item())
         return {index: (float(value), bool(is_greedy)) for index, (value, is_greedy) in scores.items()}
 
-    def _batches(self, items, length: Callable[[Any], int]) -> Iterator[list]:
-        """Consecutive runs of ``items`` (sorted longest first) with at most ``batch_size`` rows and rows x
-        longest ``length`` at most ``max_batch_tokens`` (a single longer item still gets a batch of its own),
-        cut early where padding the next item would waste more than ``_PAD_TOLERANCE``."""
+    def _batches(self, items, length: Callable[[Any], int],
+                 padded: Optional[Callable[[Any], int]] = None) -> Iterator[list]:
+        """Consecutive runs of ``items`` with at most ``batch_size`` rows and rows x longest ``length`` at most
+        ``max_batch_tokens`` (a single longer item still gets a batch of its own), cut early where padding the
+        next item would waste more than ``_PAD_TOLERANCE``.
+
+        ``padded`` is the length that padding is computed on (the positions a forward actually runs; default
+        ``length``), by which ``items`` are sorted longest first. For continuations it differs from ``length``:
+        the cap also counts the cached context each row attends over, but padding is only in the new tokens.
+        """
+        padded = padded or length
         batch: list = []
-        longest = 0
+        longest = widest = 0
         for item in items:
-            size = length(item)
+            size, width = length(item), padded(item)
             too_many_tokens = (len(batch) + 1) * max(longest, size) > self.max_batch_tokens
-            wasteful = size < (1 - _PAD_TOLERANCE) * longest and len(batch) * longest >= _MIN_BATCH_TOKENS
+            wasteful = width < (1 - _PAD_TOLERANCE) * widest and len(batch) * widest >= _MIN_BATCH_TOKENS
             if batch and (len(batch) == self.batch_size or too_many_tokens or wasteful):
                 yield batch
-                batch, longest = [], 0
+                batch, longest, widest = [], 0, 0
             batch.append(item)
-            longest = max(longest, size)
+            longest, widest = max(longest, size), max(widest, width)
         if batch:
             yield batch
 
