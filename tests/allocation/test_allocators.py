@@ -10,11 +10,6 @@ TARGETS = [dict(sparsity=0.7), dict(sparsity=0.6), dict(pattern="mixed-n:m", m=8
            dict(pattern="mixed-n:m", m=4, sparsity=0.5, max_deviation=0.25)]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPTIMUM_MSP_CACHE", str(tmp_path / "cache"))
-
-
 def _prune(arch, allocation, method="wanda", **kwargs):
     model = tiny_model(arch)
     pruner = MSPPruner(model)

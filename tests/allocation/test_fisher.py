@@ -5,11 +5,6 @@ from optimum_msp.allocation.fisher import fisher_traces
 from tiny_models import calibration_ids, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPTIMUM_MSP_CACHE", str(tmp_path / "cache"))
-
-
 def test_fisher_trace_equals_sum_of_squared_per_sequence_gradients():
     model = tiny_model("llama")
     layers = {"model.layers.1.mlp.down_proj": model.model.layers[1].mlp.down_proj,

@@ -13,11 +13,6 @@ from optimum_msp.pruners.wanda import InputNorms
 from tiny_models import calibration_ids, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPTIMUM_MSP_CACHE", str(tmp_path / "cache"))
-
-
 def _context(arch="llama", seed=0):
     model = tiny_model(arch)
     runner = BlockRunner(model)
