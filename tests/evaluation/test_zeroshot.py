@@ -193,7 +193,7 @@ def test_target_scores_equal_log_softmax_and_argmax_with_first_index_ties():
     logits[2, 2, 9] = 40.0
     targets[2] = 7
     targets[2, 2] = 9
-    sums, greedy = scoring._score_targets(logits, targets)
+    sums, greedy = scoring._score_targets(logits.clone(), targets)  # it spends its input
     logprobs = F.log_softmax(logits, dim=-1)
     scored = targets >= 0
     expected = torch.where(scored, logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0], 0.0).sum(1)
