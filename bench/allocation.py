@@ -54,6 +54,8 @@ def run_row(row: str, args) -> None:
         extra["generations"] = args.generations
     if args.fitness:
         extra["fitness"] = args.fitness
+    if args.search_statistics:
+        extra["search_statistics"] = args.search_statistics
     config = MSPConfig(method=method, allocation=allocation, **target, **extra)
     pruner = MSPPruner.from_pretrained(args.model)
     calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=0)
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fitness", default=None, help="kl | ppl (default: MSPConfig's)")
+    parser.add_argument("--search-statistics", default=None, help="dense | seed (default: MSPConfig's)")
     parser.add_argument("--population-size", type=int, default=None)
     parser.add_argument("--generations", type=int, default=None)
     parser.add_argument("--output", default=str(OUT))

@@ -8,7 +8,7 @@ set in total (data-free pruners skip both).
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -38,8 +38,13 @@ def apply_targets(
     pruner: Pruner,
     calibration: Optional[torch.Tensor] = None,
     batch_size: int = 1,
+    on_statistics: Optional[Callable[[Dict[str, object]], None]] = None,
 ) -> Dict[str, float]:
-    """Prune every layer named in ``targets``; return achieved sparsity per layer."""
+    """Prune every layer named in ``targets``; return achieved sparsity per layer.
+
+    ``on_statistics`` receives each block's input statistics (layer name -> accumulator) before its layers
+    are pruned with them.
+    """
     achieved: Dict[str, float] = {}
     if not pruner.needs_calibration:
         for block_layers in layers:
@@ -55,6 +60,8 @@ def apply_targets(
         if not chosen:
             continue
         stats = forward_with_statistics(runner, index, inputs, chosen, pruner.new_statistics)
+        if on_statistics is not None:
+            on_statistics(stats)
         for name, module in chosen.items():
             achieved[name] = prune_layer(module, pruner, stats[name], targets[name])
         del stats

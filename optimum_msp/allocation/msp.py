@@ -12,7 +12,7 @@ from ..pruners import get_pruner
 from .base import Allocation, AllocationContext, register_allocator
 from .fisher import fisher_genome
 from .levels import LevelSpace
-from .statistics import dense_layer_statistics
+from .statistics import dense_layer_statistics, seeded_layer_statistics
 from .search import EvolutionarySearch, FitnessEvaluator, WeightBank
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,15 @@ def msp(context: AllocationContext) -> Allocation:
     fisher_done = time.perf_counter()
 
     pruner = get_pruner(config.method, block_size=config.block_size, dampening=config.dampening)
-    stats = dense_layer_statistics(context, pruner.new_statistics) if pruner.needs_calibration else {}
     modules = {name: module for block in context.layers for name, module in block.items()}
-    bank = WeightBank(pruner, modules, stats)
+    bank = WeightBank(pruner, modules, {})  # keeps the dense weights
     try:
+        if pruner.needs_calibration and config.search_statistics == "seed":
+            # inputs of every block as the final prune will see them, near the seed plan: from pruned blocks
+            bank.stats = seeded_layer_statistics(context, pruner, space.targets(seed_genome))
+            bank.restore()
+        elif pruner.needs_calibration:
+            bank.stats = dense_layer_statistics(context, pruner.new_statistics)
         evaluator = FitnessEvaluator(context.runner, space, bank, fitness_windows(context), config.fitness,
                                      config.batch_size)
         search_started, search_cpu_started = time.perf_counter(), time.process_time()
@@ -53,7 +58,7 @@ def msp(context: AllocationContext) -> Allocation:
             space, evaluator, seed_genome, config.population_size, config.generations, config.seed,
             checkpoint=config.search_checkpoint,
             settings={"method": config.method, "sparsity": config.sparsity, "pattern": config.pattern,
-                      "fitness": config.fitness, "units": len(space)},
+                      "fitness": config.fitness, "units": len(space), "statistics": config.search_statistics},
         )
         best = search.run()
         search_seconds = time.perf_counter() - search_started
@@ -64,6 +69,7 @@ def msp(context: AllocationContext) -> Allocation:
     fitness = search.state.fitness
     context.extras["search"] = {
         "fitness": config.fitness,
+        "statistics": config.search_statistics,
         "generations": config.generations,
         "population_size": config.population_size,
         "seed": config.seed,

@@ -17,8 +17,9 @@ from typing import Any, Callable, Dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..apply import dense_statistics
-from .base import AllocationContext
+from ..apply import apply_targets, dense_statistics
+from ..pruners.base import Pruner
+from .base import Allocation, AllocationContext
 from .cache import cache_path, fingerprint, write_atomically
 
 logger = logging.getLogger(__name__)
@@ -29,12 +30,45 @@ def dense_layer_statistics(
     use_cache: bool = True,
 ) -> Dict[str, Any]:
     """Input statistics of every layer of ``context.layers`` on the dense model, from the cache if possible."""
+
+    def compute() -> Dict[str, Any]:
+        stats: Dict[str, Any] = {}
+        for _index, block_stats in dense_statistics(context.runner, context.layers, context.calibration,
+                                                    make_stats, context.config.batch_size, desc=desc):
+            stats.update(block_stats)
+        return stats
+
+    return _cached(context, make_stats, (), compute, use_cache)
+
+
+def seeded_layer_statistics(
+    context: AllocationContext, pruner: Pruner, targets: Allocation, use_cache: bool = True,
+) -> Dict[str, Any]:
+    """Input statistics gathered as a sequential prune with ``targets`` gathers them: each block's inputs
+    come from the blocks before it *pruned to those targets*, not from the dense model.
+
+    The model is left pruned to ``targets`` when they were computed (not on a cache hit): the caller
+    restores its dense weights.
+    """
+
+    def compute() -> Dict[str, Any]:
+        stats: Dict[str, Any] = {}
+        apply_targets(context.runner, context.layers, targets, pruner, context.calibration,
+                      context.config.batch_size, on_statistics=stats.update)
+        return stats
+
+    plan = sorted((name, target.describe()) for name, target in targets.items())
+    return _cached(context, pruner.new_statistics, ("seeded", pruner.name, plan), compute, use_cache)
+
+
+def _cached(context: AllocationContext, make_stats: Callable[[int], Any], settings: tuple,
+            compute: Callable[[], Dict[str, Any]], use_cache: bool) -> Dict[str, Any]:
     if context.calibration is None:
         raise ValueError("Input statistics need calibration data.")
     layers = {name: module for block in context.layers for name, module in block.items()}
     kind = type(make_stats(1)).__name__
     path = cache_path("statistics", fingerprint(context.model, layers, context.calibration, kind,
-                                                context.config.batch_size), ".safetensors")
+                                                context.config.batch_size, *settings), ".safetensors")
     if use_cache and path.is_file():
         try:
             stats = _load(path, make_stats, layers)
@@ -42,10 +76,7 @@ def dense_layer_statistics(
             return stats
         except Exception as error:  # a damaged entry costs a recomputation, never a failed prune
             logger.warning("Ignoring the unreadable statistics cache %s (%s); recomputing.", path, error)
-    stats: Dict[str, Any] = {}
-    for _index, block_stats in dense_statistics(context.runner, context.layers, context.calibration, make_stats,
-                                                context.config.batch_size, desc=desc):
-        stats.update(block_stats)
+    stats = compute()
     if use_cache and all(hasattr(stat, "STATE") for stat in stats.values()):
         write_atomically(path, lambda temporary: _save(stats, temporary))
     return stats

@@ -84,3 +84,46 @@ def test_warm_cache_gives_the_same_plan(allocation):
     (cold_plan, cold_weights), (warm_plan, warm_weights) = plan(), plan()
     assert cold_plan == warm_plan
     assert all(torch.equal(cold_weights[key], warm_weights[key]) for key in cold_weights)
+
+
+def test_seeded_statistics_are_those_of_a_sequential_prune_with_the_seed_targets():
+    from optimum_msp.allocation.base import uniform_target
+    from optimum_msp.apply import apply_targets
+    from optimum_msp.pruners import get_pruner
+
+    context = _context()
+    pruner = get_pruner("sparsegpt")
+    targets = {name: uniform_target(MSPConfig(sparsity=0.6)) for block in context.layers for name in block}
+    dense = statistics.dense_layer_statistics(context, pruner.new_statistics, use_cache=False)
+    weights = {k: v.clone() for k, v in context.model.state_dict().items()}
+    seeded = statistics.seeded_layer_statistics(context, pruner, targets)
+    reference = _context()  # the same tiny model, pruned the standard way, statistics recorded on the way
+    recorded = {}
+    apply_targets(reference.runner, reference.layers, targets, pruner, reference.calibration, on_statistics=recorded.update)
+    assert seeded.keys() == dense.keys() == recorded.keys()
+    for name in seeded:
+        torch.testing.assert_close(seeded[name].xtx, recorded[name].xtx)
+        first_block = name.startswith("model.layers.0.")  # its inputs do not depend on any pruning
+        assert torch.allclose(seeded[name].xtx, dense[name].xtx) == first_block, name
+    # computing them pruned the model (the caller restores it); a cache hit leaves it untouched
+    assert any(not torch.equal(weights[k], v) for k, v in context.model.state_dict().items())
+    fresh = _context()
+    again = statistics.seeded_layer_statistics(fresh, pruner, targets)
+    assert all(torch.equal(weights[k], v) for k, v in fresh.model.state_dict().items())
+    assert all(torch.equal(again[name].xtx, seeded[name].xtx) for name in seeded)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_search_on_seeded_statistics_hits_the_target_and_records_it(method):
+    pruner = MSPPruner(tiny_model("llama"))
+    pruner.prune(MSPConfig(method=method, sparsity=0.7, allocation="msp", search_statistics="seed",
+                           population_size=4, generations=1, fisher_samples=2),
+                 calibration=calibration_ids(4, 32), fitness_ids=calibration_ids(2, 32, seed=7))
+    assert pruner.plan.planned_sparsity == pytest.approx(0.7, abs=1e-12)
+    assert pruner.plan.verify(pruner.model).global_sparsity == pytest.approx(0.7, abs=0.01)
+    assert pruner.plan.search["statistics"] == "seed"
+
+
+def test_unknown_search_statistics_is_refused():
+    with pytest.raises(ValueError, match="search_statistics must be 'dense' or 'seed'"):
+        MSPConfig(search_statistics="sequential")
