@@ -9,6 +9,7 @@ import torch
 
 from ..data import calibration_text_ids, sample_starts, take_windows
 from ..pruners import get_pruner
+from ..pruners.base import ScorePruner
 from .base import Allocation, AllocationContext, register_allocator
 from .fisher import fisher_genome
 from .levels import LevelSpace
@@ -33,6 +34,14 @@ def fitness_windows(context: AllocationContext) -> torch.Tensor:
     return take_windows(ids, starts, config.fitness_seqlen)
 
 
+def search_statistics(config, pruner) -> str:
+    """``"dense"`` or ``"seed"``: what ``config.search_statistics`` means for this pruner."""
+    if config.search_statistics != "auto":
+        return config.search_statistics
+    # a pruner that updates the kept weights (SparseGPT) depends most on where its inputs come from
+    return "dense" if isinstance(pruner, ScorePruner) else "seed"
+
+
 @register_allocator("msp", needs_calibration=True)
 def msp(context: AllocationContext) -> Allocation:
     config = context.config
@@ -42,10 +51,11 @@ def msp(context: AllocationContext) -> Allocation:
     fisher_done = time.perf_counter()
 
     pruner = get_pruner(config.method, block_size=config.block_size, dampening=config.dampening)
+    statistics = search_statistics(config, pruner)
     modules = {name: module for block in context.layers for name, module in block.items()}
     bank = WeightBank(pruner, modules, {})  # keeps the dense weights
     try:
-        if pruner.needs_calibration and config.search_statistics == "seed":
+        if pruner.needs_calibration and statistics == "seed":
             # inputs of every block as the final prune will see them, near the seed plan: from pruned blocks
             bank.stats = seeded_layer_statistics(context, pruner, space.targets(seed_genome))
             bank.restore()
@@ -58,7 +68,7 @@ def msp(context: AllocationContext) -> Allocation:
             space, evaluator, seed_genome, config.population_size, config.generations, config.seed,
             checkpoint=config.search_checkpoint,
             settings={"method": config.method, "sparsity": config.sparsity, "pattern": config.pattern,
-                      "fitness": config.fitness, "units": len(space), "statistics": config.search_statistics},
+                      "fitness": config.fitness, "units": len(space), "statistics": statistics},
         )
         best = search.run()
         search_seconds = time.perf_counter() - search_started
@@ -69,7 +79,7 @@ def msp(context: AllocationContext) -> Allocation:
     fitness = search.state.fitness
     context.extras["search"] = {
         "fitness": config.fitness,
-        "statistics": config.search_statistics,
+        "statistics": statistics,
         "generations": config.generations,
         "population_size": config.population_size,
         "seed": config.seed,

@@ -125,5 +125,16 @@ def test_search_on_seeded_statistics_hits_the_target_and_records_it(method):
 
 
 def test_unknown_search_statistics_is_refused():
-    with pytest.raises(ValueError, match="search_statistics must be 'dense' or 'seed'"):
+    with pytest.raises(ValueError, match="search_statistics must be 'auto', 'dense' or 'seed'"):
         MSPConfig(search_statistics="sequential")
+
+
+def test_auto_search_statistics_are_seeded_for_weight_updating_pruners_only():
+    from optimum_msp.allocation.msp import search_statistics
+    from optimum_msp.pruners import get_pruner
+
+    assert MSPConfig().search_statistics == "auto"
+    assert search_statistics(MSPConfig(method="sparsegpt"), get_pruner("sparsegpt")) == "seed"
+    assert search_statistics(MSPConfig(method="wanda"), get_pruner("wanda")) == "dense"
+    assert search_statistics(MSPConfig(method="magnitude"), get_pruner("magnitude")) == "dense"
+    assert search_statistics(MSPConfig(search_statistics="dense"), get_pruner("sparsegpt")) == "dense"
