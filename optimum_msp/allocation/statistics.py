@@ -1,7 +1,8 @@
-"""Input statistics of the dense model for allocators (OWL's outlier ratios, the MSP search's weight bank).
+"""Input statistics for allocators (OWL's outlier ratios, the MSP search's weight bank): of the dense model,
+or gathered by a sequential prune with a seed plan (inputs from pruned blocks, as the final prune sees them).
 
 Gathering them costs the two passes of a uniform prune, and they depend only on the model's weights, the
-calibration windows and the kind of statistics (Wanda's input norms, SparseGPT's Hessians). Like the
+calibration windows, the kind of statistics (Wanda's input norms, SparseGPT's Hessians) and the seed plan. Like the
 Fisher traces they are cached on disk, so trying other search settings, targets or allocations on the same
 model and data skips those passes. Layers that read the same input share one accumulator, in memory and in
 the cache file. A SparseGPT entry for SmolLM2-135M is ~0.4 GB (one Hessian per distinct input).
@@ -52,6 +53,7 @@ def seeded_layer_statistics(
     """
 
     def compute() -> Dict[str, Any]:
+        logger.info("Search statistics: a sequential %s prune with the seed plan (restored afterwards)", pruner.name)
         stats: Dict[str, Any] = {}
         apply_targets(context.runner, context.layers, targets, pruner, context.calibration,
                       context.config.batch_size, on_statistics=stats.update)
