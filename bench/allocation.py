@@ -56,6 +56,8 @@ def run_row(row: str, args) -> None:
         extra["fitness"] = args.fitness
     if args.search_statistics:
         extra["search_statistics"] = args.search_statistics
+    if args.search_cache_mb is not None:
+        extra["search_cache_mb"] = args.search_cache_mb
     config = MSPConfig(method=method, allocation=allocation, **target, **extra)
     pruner = MSPPruner.from_pretrained(args.model)
     calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=0)
@@ -71,7 +73,8 @@ def run_row(row: str, args) -> None:
                       evals_per_s=search["evaluations"] / max(search["search_seconds"], 1e-9),
                       best_fitness=search["best_fitness"], uniform_fitness=search["uniform_fitness"],
                       fisher_fitness=search["fisher_fitness"], history=search["history"],
-                      fisher_s=search["fisher_seconds"], blocks_run=search["blocks_run"],
+                      fisher_s=search["fisher_seconds"], statistics_s=search.get("statistics_seconds"),
+                      search_cache_mb=config.search_cache_mb, blocks_run=search["blocks_run"],
                       search_memory_mb=search.get("memory_mb"),
                       population_size=config.population_size, generations=config.generations)
         result["dense_fwd_evals_per_s"] = 1.0 / _dense_fitness_forward_seconds(pruner, config)
@@ -109,6 +112,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fitness", default=None, help="kl | ppl (default: MSPConfig's)")
     parser.add_argument("--search-statistics", default=None, help="dense | seed (default: MSPConfig's)")
+    parser.add_argument("--search-cache-mb", type=int, default=None, help="MSPConfig.search_cache_mb")
     parser.add_argument("--population-size", type=int, default=None)
     parser.add_argument("--generations", type=int, default=None)
     parser.add_argument("--output", default=str(OUT))

@@ -77,6 +77,9 @@ class MSPConfig(QuantizationConfigMixin):
             found a plan with 14 % lower test perplexity than ``"dense"``, docs/benchmarks.md), ``"dense"``
             for pruners that only mask (not measured against ``"seed"`` yet).
         population_size / generations: the MSP evolutionary search budget.
+        search_cache_mb: memory for the search's cache of block outputs per plan prefix (a candidate sharing
+            its first k blocks' levels with an evaluated plan re-runs only the blocks after them); less memory
+            means more block runs, never a different result. At least one plan's block outputs are kept.
         search_checkpoint: file where the search saves each generation and resumes from.
     """
 
@@ -110,6 +113,7 @@ class MSPConfig(QuantizationConfigMixin):
     search_statistics: str = "auto"
     population_size: int = 12
     generations: int = 10
+    search_cache_mb: int = 3072
     search_checkpoint: Optional[str] = None
     quant_method: str = QUANT_METHOD
 
@@ -168,8 +172,10 @@ class MSPConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.generations, int) or self.generations < 0:
-            raise ValueError(f"generations must be a non-negative integer, got {self.generations!r}.")
+        for name in ("generations", "search_cache_mb"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
         if not 0.0 <= self.dampening:
             raise ValueError(f"dampening must be >= 0, got {self.dampening}.")
         if not 0.0 <= self.owl_lambda < 1.0:

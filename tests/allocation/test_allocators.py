@@ -52,6 +52,9 @@ def test_plan_records_sensitivities(allocation):
         assert search["best_fitness"] <= search["uniform_fitness"]
         assert len(search["history"]) == SEARCH["generations"]
         assert search["history"] == sorted(search["history"], reverse=True)  # elitism: never worse
+        # where the allocation's time went: sensitivity, the bank's statistics pass, the search
+        assert {"fisher_seconds", "statistics_seconds", "search_seconds"} <= set(search)
+        assert all(search[key] >= 0 for key in ("fisher_seconds", "statistics_seconds", "search_seconds"))
 
 
 def test_unreachable_mixed_target_is_explained():

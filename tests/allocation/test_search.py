@@ -177,3 +177,23 @@ def test_memory_accounting_counts_what_the_search_holds(evaluator_setup):
     vocab = model.config.vocab_size
     assert kl.nbytes()["reference_logprobs"] == ids.numel() * vocab * 4
     bank.restore()
+
+
+def test_a_smaller_prefix_cache_costs_block_runs_never_results(evaluator_setup):
+    _, space, runner, bank = evaluator_setup
+    ids = calibration_ids(2, 32, seed=11)
+    genomes = [space.quantize(levels) for levels in ([0.5, 0.6, 0.7], [0.7, 0.6, 0.5], [0.5, 0.7, 0.6])]
+    roomy = FitnessEvaluator(runner, space, bank, ids, kind="ppl")
+    tight = FitnessEvaluator(runner, space, bank, ids, kind="ppl", cache_bytes=0)
+    order = genomes + genomes[:1]  # the first plan comes back after the others pushed it out of the tight cache
+    assert [tight(g) for g in order] == [roomy(g) for g in order]
+    blocks = len(runner.blocks)
+    assert roomy.blocks_run == 3 * blocks - 1  # the third plan shares block 0 with the first; the fourth is cached
+    assert tight.blocks_run == 4 * blocks - 1  # only the last plan's outputs stay: the fourth re-runs blocks 1..
+    assert tight.nbytes()["hidden_cache_peak"] == blocks * tight.nbytes()["fitness_inputs"]
+    bank.restore()
+
+
+def test_search_cache_size_is_validated():
+    with pytest.raises(ValueError, match="search_cache_mb must be a non-negative integer"):
+        MSPConfig(search_cache_mb=-1)
