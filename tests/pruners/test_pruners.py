@@ -110,3 +110,57 @@ def test_block_triangular_hessian_equals_full_product(in_features):
     expected = 2 * x.double().t() @ x.double() / x.shape[0]
     torch.testing.assert_close(hessian.hessian.double(), expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(hessian.hessian, hessian.hessian.t())
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7, 0.8])
+def test_sparsegpt_block_mask_prunes_the_lowest_saliencies_ties_to_the_lower_flat_index(sparsity):
+    from optimum_msp.pruners.sparsegpt import SparseGPTPruner
+
+    generator = torch.Generator().manual_seed(3)
+    block = torch.randn(24, 16, generator=generator)
+    block[::3, ::2] = 0.5  # many equal saliencies, so the tie-break decides part of the mask
+    diag = torch.rand(16, generator=generator) + 0.5
+    pruned = SparseGPTPruner._unstructured_block_mask(block, diag, sparsity)
+    saliency = (block**2 / diag**2).flatten()
+    count = round(saliency.numel() * sparsity)
+    expected = torch.zeros(saliency.numel(), dtype=torch.bool)
+    expected[torch.sort(saliency, stable=True).indices[:count]] = True  # a stable sort: the reference
+    assert int(pruned.sum()) == count
+    assert torch.equal(pruned.flatten(), expected)
+
+
+def _textbook_sparsegpt(weight, hessian, target, block_size, dampening=0.01):
+    """SparseGPT as the paper's pseudo-code writes it: one column at a time, masks from w^2 / [H^-1]_jj^2."""
+    W = weight.clone().double()
+    H = hessian.double() + dampening * torch.diag(hessian).mean() * torch.eye(hessian.shape[0], dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    cols = W.shape[1]
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        if not target.is_nm:
+            saliency = (W[:, start:end] ** 2 / torch.diag(U)[start:end] ** 2).flatten()
+            pruned = torch.zeros_like(saliency, dtype=torch.bool)
+            pruned[torch.sort(saliency, stable=True).indices[: round(saliency.numel() * target.sparsity)]] = True
+            pruned = pruned.reshape(W.shape[0], end - start)
+        else:
+            pruned = torch.zeros(W.shape[0], end - start, dtype=torch.bool)
+        for j in range(start, end):
+            if target.is_nm and (j - start) % target.m == 0:
+                group = W[:, j : j + target.m] ** 2 / torch.diag(U)[j : j + target.m] ** 2
+                drop = torch.sort(group, dim=1, stable=True).indices[:, : target.m - target.n]
+                pruned[:, j - start : j - start + target.m].scatter_(1, drop, True)
+            err = torch.where(pruned[:, j - start], W[:, j], torch.zeros_like(W[:, j])) / U[j, j]
+            W[:, j:] -= err.unsqueeze(1) * U[j, j:].unsqueeze(0)  # column j itself ends at its pruned value
+            W[pruned[:, j - start], j] = 0.0
+    return W.float()
+
+
+@pytest.mark.parametrize("target", [LayerTarget(0.6), LayerTarget.nm(2, 4), LayerTarget.nm(3, 8)])
+def test_sparsegpt_matches_the_textbook_column_loop(target):
+    weight, x = _layer_data(seed=5, rows=12, cols=48, tokens=512)
+    pruner = get_pruner("sparsegpt", block_size=16)
+    stats = _stats(pruner, x)
+    ours = pruner.prune(weight, stats, target)
+    reference = _textbook_sparsegpt(weight, stats.hessian, target, block_size=16)
+    assert torch.equal(ours == 0, reference == 0)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
