@@ -12,33 +12,50 @@ from typing import List, Optional
 from transformers.utils import logging as hf_logging
 
 
+# MSPConfig fields the command line sets: (field, type, help). Omitted flags keep the --config file's value,
+# or MSPConfig's default.
+_CONFIG_FLAGS = [
+    ("method", str, "magnitude | wanda | sparsegpt (default wanda)"),
+    ("sparsity", float, "target global sparsity in [0, 1)"),
+    ("pattern", str, "unstructured | N:M (e.g. 2:4) | mixed-n:m"),
+    ("m", int, "group size M for mixed-n:m"),
+    ("allocation", str, "uniform | owl | fisher | msp (default uniform)"),
+    ("calibration_dataset", str, "wikitext2 | c4 | a local .txt/.raw/.jsonl path"),
+    ("calibration_split", str, None),
+    ("num_calibration_samples", int, None),
+    ("seqlen", int, None),
+    ("seed", int, None),
+    ("targets", str, "layers to prune: names, suffixes, class names or re:<regex> (default: every Linear)"),
+    ("ignore", str, "layers to leave dense, same forms as --targets"),
+    ("granularity", str, "block | layer: what one allocation level covers"),
+    ("max_deviation", float, "non-uniform allocations keep every unit within target +- this"),
+    ("fitness", str, "ppl | kl: the MSP search objective"),
+    ("search_statistics", str, "auto | dense | seed"),
+    ("population_size", int, None),
+    ("generations", int, None),
+    ("search_checkpoint", str, "file the MSP search saves each generation to and resumes from"),
+    ("search_cache_mb", int, "memory for the search's cache of block outputs"),
+]
+_LIST_FLAGS = ("targets", "ignore")
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt")
-    parser.add_argument("--sparsity", type=float, default=None, help="target global sparsity in [0, 1)")
-    parser.add_argument("--pattern", default="unstructured", help="unstructured | N:M (e.g. 2:4) | mixed-n:m")
-    parser.add_argument("--m", type=int, default=None, help="group size M for mixed-n:m")
-    parser.add_argument("--allocation", default="uniform", help="uniform | owl | fisher | msp")
-    parser.add_argument("--calibration-dataset", default="wikitext2")
-    parser.add_argument("--calibration-split", default=None)
-    parser.add_argument("--num-calibration-samples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--population-size", type=int, default=None)
-    parser.add_argument("--generations", type=int, default=None)
+    parser.add_argument("--config", default=None,
+                        help="an msp_config.json (or a folder holding one) to start from; flags override it")
+    for name, kind, help_text in _CONFIG_FLAGS:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text,
+                            nargs="+" if name in _LIST_FLAGS else None)
 
 
 def _config_from_args(args: argparse.Namespace):
-    from ..configuration import MSPConfig
+    from ..configuration import MSPConfig, parse_pattern
 
-    kwargs = dict(
-        method=args.method, sparsity=args.sparsity, pattern=args.pattern, m=args.m, allocation=args.allocation,
-        calibration_dataset=args.calibration_dataset, calibration_split=args.calibration_split,
-        num_calibration_samples=args.num_calibration_samples, seqlen=args.seqlen, seed=args.seed,
-    )
-    for name in ("population_size", "generations"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-    return MSPConfig(**kwargs)
+    values = MSPConfig.from_pretrained(args.config).to_dict() if args.config else {}
+    if args.pattern is not None and parse_pattern(args.pattern)[0] == "n:m":
+        # an N:M pattern implies its sparsity and M: the file's (for its own pattern) must not contradict it
+        values.pop("sparsity", None), values.pop("m", None)
+    values.update({name: getattr(args, name) for name, _, _ in _CONFIG_FLAGS if getattr(args, name) is not None})
+    return MSPConfig.from_dict(values)
 
 
 def _prune(args: argparse.Namespace) -> int:

@@ -57,3 +57,35 @@ def test_optimum_cli_registers_msp():
         result = subprocess.run(["optimum-cli", "msp", "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "prune" in result.stdout and "perplexity" in result.stdout
+
+
+def test_config_file_and_flags_build_the_config(tmp_path):
+    from optimum_msp import MSPConfig
+    from optimum_msp.commands.cli import _config_from_args, build_parser
+
+    MSPConfig(method="sparsegpt", sparsity=0.7, allocation="msp", generations=3, ignore=["re:.*down_proj"],
+              fitness="kl").save_pretrained(tmp_path)
+
+    def config(*flags):
+        return _config_from_args(build_parser().parse_args(["prune", "--config", str(tmp_path), *flags]))
+
+    from_file = config()
+    assert (from_file.method, from_file.sparsity, from_file.generations, from_file.ignore, from_file.fitness) == (
+        "sparsegpt", 0.7, 3, ["re:.*down_proj"], "kl")
+    overridden = config("--sparsity", "0.8", "--search-cache-mb", "256", "--targets", "q_proj", "re:.*up_proj",
+                        "--search-checkpoint", str(tmp_path / "search.json"))
+    assert overridden.sparsity == 0.8 and overridden.search_cache_mb == 256
+    assert overridden.targets == ["q_proj", "re:.*up_proj"] and overridden.search_checkpoint.endswith("search.json")
+    assert overridden.method == "sparsegpt" and overridden.generations == 3  # the file's, where no flag says
+    # an N:M flag brings its own sparsity instead of contradicting the file's 70 %
+    nm = config("--pattern", "2:8")
+    assert (nm.pattern, nm.m, nm.sparsity) == ("mixed-n:m", 8, 0.75)
+    # without a file, flags alone over MSPConfig's defaults
+    plain = _config_from_args(build_parser().parse_args(["prune", "--fitness", "kl"]))
+    assert plain.to_dict() == MSPConfig(fitness="kl").to_dict()
+
+
+def test_bad_config_file_exits_with_a_message(tmp_path, capsys):
+    (tmp_path / "msp_config.json").write_text('{"method": "wanda", "spasity": 0.5}')
+    assert main(["prune", str(tmp_path), "--config", str(tmp_path)]) == 2
+    assert "Unknown MSPConfig keys ['spasity']" in capsys.readouterr().err
