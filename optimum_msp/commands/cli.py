@@ -53,7 +53,8 @@ def _config_from_args(args: argparse.Namespace):
     values = MSPConfig.from_pretrained(args.config).to_dict() if args.config else {}
     if args.pattern is not None and parse_pattern(args.pattern)[0] == "n:m":
         # an N:M pattern implies its sparsity and M: the file's (for its own pattern) must not contradict it
-        values.pop("sparsity", None), values.pop("m", None)
+        for implied in ("sparsity", "m"):
+            values.pop(implied, None)
     values.update({name: getattr(args, name) for name, _, _ in _CONFIG_FLAGS if getattr(args, name) is not None})
     return MSPConfig.from_dict(values)
 
