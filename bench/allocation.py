@@ -9,6 +9,7 @@ bench/results/allocation.jsonl and the table is printed from that file.
     python bench/allocation.py --threads 1 --rows wanda:0.75:uniform wanda:0.75:owl wanda:0.75:msp
     python bench/allocation.py --threads 1 --rows sparsegpt:2:8:msp      # mixed N:M, M=8, 75 %
     python bench/allocation.py --table
+    python bench/allocation.py --matrix        # PPL per pruner x target x allocation, uniform from baselines.py
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from common import (  # noqa: E402
 )
 
 OUT = RESULTS / "allocation.jsonl"
+ALLOCATIONS = ("uniform", "owl", "fisher", "msp")
 COLUMNS = ["method", "target", "allocation", "eval_windows", "ppl", "ppl_16", "achieved_sparsity", "search_s", "search_cpu_s",
            "evaluations", "evals_per_s", "dense_fwd_evals_per_s", "best_fitness", "uniform_fitness",
            "prune_s", "threads"]
@@ -101,6 +103,79 @@ def _dense_fitness_forward_seconds(pruner, config) -> float:
     return time.perf_counter() - started
 
 
+def _cell_key(row: dict):
+    """(pruner, target label, allocation) of an allocation row, or of a baselines.py row (uniform)."""
+    if "allocation" in row:
+        return row["method"], row["target"], row["allocation"]
+    pattern = row.get("pattern")
+    if row.get("method") == "dense" or pattern in (None, "-"):
+        return None
+    if ":" in str(pattern):  # a uniform N:M plan is the mixed N:M plan with every layer at the average
+        n, m = str(pattern).split(":")
+        return row["method"], f"{n}:{m} avg", "uniform"
+    return row["method"], str(pattern), "uniform"
+
+
+def _default_settings(row: dict) -> bool:
+    """Rows of the search's defaults only: another fitness or budget is a different experiment."""
+    from optimum_msp import MSPConfig
+
+    if row.get("allocation") != "msp":
+        return True
+    defaults = MSPConfig(sparsity=0.5)
+    return (row.get("fitness") == defaults.fitness
+            and row.get("population_size") in (None, defaults.population_size)
+            and row.get("generations") in (None, defaults.generations)
+            and row.get("search_cache_mb") in (None, defaults.search_cache_mb))
+
+
+def matrix(paths) -> str:
+    """PPL per (pruner, target) and allocation: "16-window PPL (full-split PPL)".
+
+    Per cell the latest full-split row wins (its 16-window value is read from the same run), else the latest
+    16-window row. The last two columns compare MSP with uniform and OWL on the same split."""
+    cells = {}
+    for path in paths:
+        for row in read_results(Path(path)):
+            key = _cell_key(row)
+            if key is None or not _default_settings(row):
+                continue
+            full = "ppl_16" in row
+            previous = cells.get(key)
+            if previous is None or full or "ppl_16" not in previous:
+                cells[key] = row
+
+    def pair(row):
+        if row is None:
+            return None, None
+        return (row["ppl_16"], row["ppl"]) if "ppl_16" in row else (row["ppl"], None)
+
+    def ratio(a, b):
+        return "-" if a is None or b is None else f"{a / b:.2f}x"
+
+    def compare(msp, other):
+        (m16, mfull), (o16, ofull) = msp, other
+        if mfull is not None and ofull is not None:
+            return ratio(mfull, ofull) + " (full)"
+        return ratio(m16, o16)
+
+    lines = ["| pruner | target | " + " | ".join(ALLOCATIONS) + " | msp / uniform | msp / owl |",
+             "|" + "---|" * (len(ALLOCATIONS) + 4)]
+    for method, target in sorted({key[:2] for key in cells}, key=lambda k: (k[0], k[1])):
+        values = {a: pair(cells.get((method, target, a))) for a in ALLOCATIONS}
+        shown = []
+        for a in ALLOCATIONS:
+            ppl16, full = values[a]
+            shown.append("-" if ppl16 is None else _short(ppl16) + ("" if full is None else f" ({_short(full)})"))
+        lines.append(f"| {method} | {target} | " + " | ".join(shown)
+                     + f" | {compare(values['msp'], values['uniform'])} | {compare(values['msp'], values['owl'])} |")
+    return "\n".join(lines)
+
+
+def _short(value: float) -> str:
+    return f"{value:.4g}" if value < 1e4 else f"{value:.3g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -117,8 +192,13 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=None)
     parser.add_argument("--output", default=str(OUT))
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--matrix", nargs="*", default=None, metavar="JSONL",
+                        help="print the PPL matrix from these result files (default: allocation + baselines)")
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.matrix is not None:
+        print(matrix(args.matrix or [OUT, RESULTS / "baselines.jsonl"]))
+        return
     if args.table:
         print(markdown_table(read_results(Path(args.output)), COLUMNS))
         return
