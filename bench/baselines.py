@@ -78,7 +78,8 @@ def main() -> None:
                         help="2048-token calibration windows (the protocol's 32; fewer for quick cost ratios)")
     parser.add_argument("--full", action="store_true", help="evaluate on the whole test split")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--save-dir", help="also save each pruned model to <save-dir>/<row> (e.g. for bench/zeroshot.py)")
+    parser.add_argument("--save-dir",
+                        help="also save each pruned model to <save-dir>/<row> (e.g. for bench/zeroshot.py)")
     parser.add_argument("--skip-forward", action="store_true", help="do not time the reference forward pass")
     parser.add_argument("--output", default=str(OUT))
     parser.add_argument("--table", action="store_true", help="only print the table of recorded rows")

@@ -2,9 +2,9 @@
 
 The model is pruned with magnitude (no calibration) at each sparsity, cast to bf16, and saved three times:
 dense (``save_pretrained``, with the plan marker), compact (``save_compact``: values + bitmask / N:M indices)
-and deflate (``save_compact(codec="deflate")``: those tensors also deflated by byte plane). Each checkpoint is then loaded with
-``AutoModelForCausalLM.from_pretrained`` in a fresh process (``optimum_msp`` imported in both cases, so the
-imports cost the same) that reports, relative to its memory just before ``from_pretrained``: the peak RSS
+and deflate (``save_compact(codec="deflate")``: those tensors also deflated by byte plane). Each checkpoint is
+then loaded with ``AutoModelForCausalLM.from_pretrained`` in a fresh process (``optimum_msp`` imported in both
+cases, so the imports cost the same) that reports, relative to its memory just before ``from_pretrained``: the peak RSS
 while loading (``VmHWM``), the peak anonymous memory (sampled), the anonymous / file-backed RSS after loading,
 and the RSS after one forward pass (every weight touched); and the load time. The parent checks that both loads
 give identical tensors (``identical``).

@@ -73,7 +73,8 @@ def main() -> None:
         trace = plan.block_sensitivity.get(str(index))
         print(f"{index:5d}  {level:>6}  {'-' if trace is None else f'{trace:.3g}'}")
     search = plan.search
-    print(f"\nsearch ({search['fitness']} on held-out calibration windows): uniform plan {search['uniform_fitness']:.4f}, "
+    print(f"\nsearch ({search['fitness']} on held-out calibration windows): "
+          f"uniform plan {search['uniform_fitness']:.4f}, "
           f"Fisher seed {search['fisher_fitness']:.4f}, best {search['best_fitness']:.4f}")
     print("best per generation: " + ", ".join(f"{value:.4f}" for value in search["history"]))
     print(f"{search['evaluations']} plans evaluated in {search['search_seconds']:.0f}s "

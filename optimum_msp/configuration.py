@@ -32,7 +32,9 @@ def parse_pattern(pattern: str) -> Tuple[str, Optional[int], Optional[int]]:
                 f"for example '2:4' keeps 2 of every 4 weights (50% sparse)."
             )
         return "n:m", n, m
-    raise ValueError(f"Unknown pattern {pattern!r}: use 'unstructured', an N:M such as '2:4', or 'mixed-n:m' (with m=).")
+    raise ValueError(
+        f"Unknown pattern {pattern!r}: use 'unstructured', an N:M such as '2:4', or 'mixed-n:m' (with m=)."
+    )
 
 
 @dataclass

@@ -177,7 +177,8 @@ class MSPPruner:
         with tempfile.TemporaryDirectory(prefix="optimum-msp-push-") as folder:
             saved = self.save_pretrained(Path(folder) / "model", compact=compact, results=results)
             message = commit_message or (
-                f"Upload {self.plan.method}/{self.plan.allocation} pruned model ({self.plan.target_sparsity:g} sparsity)"
+                f"Upload {self.plan.method}/{self.plan.allocation} pruned model "
+                f"({self.plan.target_sparsity:g} sparsity)"
                 if self.plan else "Upload model"
             )
             return push_to_hub(saved, repo_id, token=token, endpoint=endpoint, private=private, exist_ok=exist_ok,

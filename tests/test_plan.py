@@ -48,7 +48,8 @@ def test_malformed_plans_are_rejected_naming_the_problem(pruned, edit, message):
 
 
 def test_plan_naming_a_missing_layer(pruned):
-    data = _tampered(pruned, lambda d: d["layers"].update({"model.layers.9.mlp.up_proj": d["layers"]["model.layers.0.mlp.up_proj"]}))
+    copied = "model.layers.0.mlp.up_proj"
+    data = _tampered(pruned, lambda d: d["layers"].update({"model.layers.9.mlp.up_proj": d["layers"][copied]}))
     with pytest.raises(PlanError, match="model.layers.9.mlp.up_proj"):
         SparsityPlan.from_dict(data).verify(pruned)
 

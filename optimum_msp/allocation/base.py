@@ -65,7 +65,8 @@ def uniform_target(config: MSPConfig) -> LayerTarget:
         if abs(n - round(n)) > 1e-9:
             raise ValueError(
                 f"Uniform allocation cannot reach {config.sparsity:.4g} sparsity with M={config.m} "
-                f"(N would be {n:.3g}); use allocation='owl', 'fisher' or 'msp', or a sparsity that is a multiple of 1/{config.m}."
+                f"(N would be {n:.3g}); use allocation='owl', 'fisher' or 'msp', or a sparsity that is a "
+                f"multiple of 1/{config.m}."
             )
         return LayerTarget.nm(int(round(n)), config.m)
     return LayerTarget(sparsity=config.sparsity)

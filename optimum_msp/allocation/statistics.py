@@ -113,7 +113,8 @@ def _load(path: Path, make_stats: Callable[[int], Any], layers: Dict[str, Any]) 
             value = tensors[f"{slot}.{field}"]
             expected = getattr(stat, field)
             if value.shape != expected.shape or value.dtype != expected.dtype:
-                raise ValueError(f"{field} is {value.dtype}{list(value.shape)}, expected {expected.dtype}{list(expected.shape)}")
+                raise ValueError(f"{field} is {value.dtype}{list(value.shape)}, "
+                                 f"expected {expected.dtype}{list(expected.shape)}")
             setattr(stat, field, value)
         stat.tokens = tokens[slot]
         shared[slot] = stat

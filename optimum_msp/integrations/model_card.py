@@ -78,7 +78,8 @@ def build_model_card(
     plot_path: Optional[str] = None,
 ) -> ModelCard:
     eval_results = [_as_eval_result(r) for r in results]
-    name = model_name or f"{(base_model or 'model').split('/')[-1]}-{plan.method}-{plan.allocation}-{plan.target_sparsity:g}"
+    base_name = (base_model or "model").split("/")[-1]
+    name = model_name or f"{base_name}-{plan.method}-{plan.allocation}-{plan.target_sparsity:g}"
     data = ModelCardData(
         base_model=base_model, library_name="transformers", pipeline_tag="text-generation",
         tags=["pruned", "sparse", "optimum-msp", f"{plan.method}", f"allocation-{plan.allocation}"],

@@ -99,7 +99,8 @@ def test_seeded_statistics_are_those_of_a_sequential_prune_with_the_seed_targets
     seeded = statistics.seeded_layer_statistics(context, pruner, targets)
     reference = _context()  # the same tiny model, pruned the standard way, statistics recorded on the way
     recorded = {}
-    apply_targets(reference.runner, reference.layers, targets, pruner, reference.calibration, on_statistics=recorded.update)
+    apply_targets(reference.runner, reference.layers, targets, pruner, reference.calibration,
+                  on_statistics=recorded.update)
     assert seeded.keys() == dense.keys() == recorded.keys()
     for name in seeded:
         torch.testing.assert_close(seeded[name].xtx, recorded[name].xtx)

@@ -280,7 +280,8 @@ def test_release_file_pages_only_touches_mapped_checkpoint_files(tmp_path):
     assert compact.release_file_pages(anonymous) == 0 and torch.equal(anonymous, data)
     other = tmp_path / "x.bin"
     other.write_bytes(data.numpy().tobytes())
-    foreign = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(other), False, other.stat().st_size))
+    storage = torch.UntypedStorage.from_file(str(other), False, other.stat().st_size)
+    foreign = torch.empty(0, dtype=torch.uint8).set_(storage)
     assert compact.release_file_pages(foreign) == 0
 
 

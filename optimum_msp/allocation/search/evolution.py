@@ -114,7 +114,8 @@ class EvolutionarySearch:
             members = [i for i in range(cut, len(child)) if space.group_of[i] == group_id]
             excess = sum(child[i] for i in range(len(child)) if space.group_of[i] == group_id) - total
             while excess != 0 and members:
-                movable = [i for i in members if (child[i] > space.lower[i] if excess > 0 else child[i] < space.upper[i])]
+                movable = [i for i in members
+                           if (child[i] > space.lower[i] if excess > 0 else child[i] < space.upper[i])]
                 if not movable:
                     break
                 i = rng.choice(movable)
