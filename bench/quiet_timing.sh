@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The README's main job (Wanda, 75 %, MSP) and the same with SparseGPT, timed from cold caches at 2 threads.
+# Run it with nothing else on the machine. Each method gets a fresh OPTIMUM_MSP_CACHE holding only the converted
+# model, so the Fisher traces and search statistics are computed, not read. Output: bench/results/quiet_<method>.json
+# (the command's summary), .err (logs, with the search's timings), and one wall-time line per method in
+# bench/results/quiet_timing.log; the plan with its search timings is in /tmp/quiet-out-<method>/config.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p bench/results
+python -c "import optimum_msp.modeling.loading as l; l.resolve_model_path('smollm2-135m')"  # convert once, untimed
+models="${OPTIMUM_MSP_CACHE:-$HOME/.cache/optimum_msp}/models"
+for method in wanda sparsegpt; do
+  cache="/tmp/quiet-cache-$method"
+  rm -rf "$cache" "/tmp/quiet-out-$method" && mkdir -p "$cache" && ln -s "$models" "$cache/models"
+  start=$(date +%s)
+  OPTIMUM_MSP_CACHE="$cache" optimum-msp prune smollm2-135m --method "$method" --sparsity 0.75 --allocation msp \
+      --output "/tmp/quiet-out-$method" --eval-windows 16 --threads 2 \
+      > "bench/results/quiet_$method.json" 2> "bench/results/quiet_$method.err"
+  echo "$method exit $? wall $(( $(date +%s) - start )) s" | tee -a bench/results/quiet_timing.log
+done
