@@ -28,8 +28,7 @@ from common import (  # noqa: E402
 OUT = RESULTS / "allocation.jsonl"
 ALLOCATIONS = ("uniform", "owl", "fisher", "msp")
 COLUMNS = ["method", "target", "allocation", "eval_windows", "ppl", "ppl_16", "achieved_sparsity", "search_s",
-           "search_cpu_s",
-           "evaluations", "evals_per_s", "dense_fwd_evals_per_s", "best_fitness", "uniform_fitness",
+           "search_cpu_s", "evaluations", "evals_per_s", "dense_fwd_evals_per_s", "best_fitness", "uniform_fitness",
            "prune_s", "threads"]
 
 
