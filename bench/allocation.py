@@ -161,7 +161,7 @@ def matrix(paths) -> str:
 
     lines = ["| pruner | target | " + " | ".join(ALLOCATIONS) + " | msp / uniform | msp / owl |",
              "|" + "---|" * (len(ALLOCATIONS) + 4)]
-    for method, target in sorted({key[:2] for key in cells}, key=lambda k: (k[0], k[1])):
+    for method, target in sorted({key[:2] for key in cells}):
         values = {a: pair(cells.get((method, target, a))) for a in ALLOCATIONS}
         shown = []
         for a in ALLOCATIONS:

@@ -109,8 +109,8 @@ class FitnessEvaluator:
             for j, ids in enumerate(self.batches):
                 for i in range(len(blocks)):
                     blocks[i] = _Replay(final_hidden[j] if i == len(blocks) - 1 else None, self.as_tuple)
-                ids = ids.to(final_hidden[j].device)
-                logits.append(self.runner.model(input_ids=ids, use_cache=False).logits.float())
+                on_device = ids.to(final_hidden[j].device)
+                logits.append(self.runner.model(input_ids=on_device, use_cache=False).logits.float())
         finally:
             for i, module in enumerate(originals):
                 blocks[i] = module
