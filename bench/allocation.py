@@ -60,6 +60,8 @@ def run_row(row: str, args) -> None:
         extra["search_statistics"] = args.search_statistics
     if args.search_cache_mb is not None:
         extra["search_cache_mb"] = args.search_cache_mb
+    if args.fitness_samples is not None:
+        extra["fitness_samples"] = args.fitness_samples
     config = MSPConfig(method=method, allocation=allocation, **target, **extra)
     pruner = MSPPruner.from_pretrained(args.model)
     calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=0)
@@ -76,7 +78,8 @@ def run_row(row: str, args) -> None:
                       best_fitness=search["best_fitness"], uniform_fitness=search["uniform_fitness"],
                       fisher_fitness=search["fisher_fitness"], history=search["history"],
                       fisher_s=search["fisher_seconds"], statistics_s=search.get("statistics_seconds"),
-                      search_cache_mb=config.search_cache_mb, blocks_run=search["blocks_run"],
+                      search_cache_mb=config.search_cache_mb, fitness_samples=config.fitness_samples,
+                      blocks_run=search["blocks_run"],
                       search_memory_mb=search.get("memory_mb"),
                       population_size=config.population_size, generations=config.generations)
         result["dense_fwd_evals_per_s"] = 1.0 / _dense_fitness_forward_seconds(pruner, config)
@@ -144,7 +147,8 @@ def _default_settings(row: dict) -> bool:
     return (row.get("fitness") == defaults.fitness
             and row.get("population_size") in (None, defaults.population_size)
             and row.get("generations") in (None, defaults.generations)
-            and row.get("search_cache_mb") in (None, defaults.search_cache_mb))
+            and row.get("search_cache_mb") in (None, defaults.search_cache_mb)
+            and row.get("fitness_samples") in (None, defaults.fitness_samples))
 
 
 def matrix(paths) -> str:
@@ -206,6 +210,7 @@ def main() -> None:
     parser.add_argument("--fitness", default=None, help="kl | ppl (default: MSPConfig's)")
     parser.add_argument("--search-statistics", default=None, help="dense | seed (default: MSPConfig's)")
     parser.add_argument("--search-cache-mb", type=int, default=None, help="MSPConfig.search_cache_mb")
+    parser.add_argument("--fitness-samples", type=int, default=None, help="MSPConfig.fitness_samples (windows)")
     parser.add_argument("--population-size", type=int, default=None)
     parser.add_argument("--generations", type=int, default=None)
     parser.add_argument("--output", default=str(OUT))
