@@ -155,7 +155,7 @@ def matrix(paths) -> str:
     """PPL per (pruner, target) and allocation: "16-window PPL (full-split PPL)".
 
     Per cell the latest full-split row wins (its 16-window value is read from the same run), else the latest
-    16-window row. The last two columns compare MSP with uniform and OWL on the same split."""
+    16-window row. The last columns compare MSP with uniform, OWL and its own Fisher seed on the same split."""
     cells = {}
     for path in paths:
         for row in read_results(Path(path)):
@@ -181,8 +181,8 @@ def matrix(paths) -> str:
             return ratio(mfull, ofull) + " (full)"
         return ratio(m16, o16)
 
-    lines = ["| pruner | target | " + " | ".join(ALLOCATIONS) + " | msp / uniform | msp / owl |",
-             "|" + "---|" * (len(ALLOCATIONS) + 4)]
+    lines = ["| pruner | target | " + " | ".join(ALLOCATIONS) + " | msp / uniform | msp / owl | msp / fisher |",
+             "|" + "---|" * (len(ALLOCATIONS) + 5)]
     for method, target in sorted({key[:2] for key in cells}):
         values = {a: pair(cells.get((method, target, a))) for a in ALLOCATIONS}
         shown = []
@@ -190,7 +190,8 @@ def matrix(paths) -> str:
             ppl16, full = values[a]
             shown.append("-" if ppl16 is None else _short(ppl16) + ("" if full is None else f" ({_short(full)})"))
         lines.append(f"| {method} | {target} | " + " | ".join(shown)
-                     + f" | {compare(values['msp'], values['uniform'])} | {compare(values['msp'], values['owl'])} |")
+                     + "".join(f" | {compare(values['msp'], values[other])}" for other in ("uniform", "owl", "fisher"))
+                     + " |")
     return "\n".join(lines)
 
 
