@@ -62,6 +62,10 @@ def run_row(row: str, args) -> None:
         extra["search_cache_mb"] = args.search_cache_mb
     if args.fitness_samples is not None:
         extra["fitness_samples"] = args.fitness_samples
+    if args.max_deviation is not None:
+        extra["max_deviation"] = args.max_deviation
+    if args.granularity:
+        extra["granularity"] = args.granularity
     config = MSPConfig(method=method, allocation=allocation, **target, **extra)
     pruner = MSPPruner.from_pretrained(args.model)
     calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=0)
@@ -69,7 +73,8 @@ def run_row(row: str, args) -> None:
         pruner.prune(config, calibration=calibration)
     result = {"row": row, "method": method, "target": label, "allocation": allocation, "threads": args.threads,
               "prune_s": prune.wall, "prune_cpu_s": prune.cpu, "achieved_sparsity": pruner.plan.achieved_sparsity,
-              "planned_sparsity": pruner.plan.planned_sparsity, "fitness": config.fitness}
+              "planned_sparsity": pruner.plan.planned_sparsity, "fitness": config.fitness,
+              "max_deviation": config.max_deviation, "granularity": config.granularity}
     search = pruner.plan.search
     if search:
         result.update(search_s=search["search_seconds"], search_cpu_s=search.get("search_cpu_seconds"),
@@ -138,12 +143,15 @@ def _cell_key(row: dict):
 
 
 def _default_settings(row: dict) -> bool:
-    """Rows of the search's defaults only: another fitness or budget is a different experiment."""
+    """Rows of the defaults only: another level range, fitness or budget is a different experiment."""
     from optimum_msp import MSPConfig
 
+    defaults = MSPConfig(sparsity=0.5)
+    if (row.get("max_deviation") not in (None, defaults.max_deviation)
+            or row.get("granularity") not in (None, defaults.granularity)):
+        return False
     if row.get("allocation") != "msp":
         return True
-    defaults = MSPConfig(sparsity=0.5)
     return (row.get("fitness") == defaults.fitness
             and row.get("population_size") in (None, defaults.population_size)
             and row.get("generations") in (None, defaults.generations)
@@ -212,6 +220,8 @@ def main() -> None:
     parser.add_argument("--search-statistics", default=None, help="dense | seed (default: MSPConfig's)")
     parser.add_argument("--search-cache-mb", type=int, default=None, help="MSPConfig.search_cache_mb")
     parser.add_argument("--fitness-samples", type=int, default=None, help="MSPConfig.fitness_samples (windows)")
+    parser.add_argument("--max-deviation", type=float, default=None, help="MSPConfig.max_deviation")
+    parser.add_argument("--granularity", default=None, help="block | layer (default: MSPConfig's)")
     parser.add_argument("--population-size", type=int, default=None)
     parser.add_argument("--generations", type=int, default=None)
     parser.add_argument("--output", default=str(OUT))
