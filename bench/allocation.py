@@ -66,15 +66,16 @@ def run_row(row: str, args) -> None:
         extra["max_deviation"] = args.max_deviation
     if args.granularity:
         extra["granularity"] = args.granularity
-    config = MSPConfig(method=method, allocation=allocation, **target, **extra)
+    # one seed draws the calibration windows, the fitness windows (disjoint from them) and the search
+    config = MSPConfig(method=method, allocation=allocation, seed=args.seed, **target, **extra)
     pruner = MSPPruner.from_pretrained(args.model)
-    calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=0)
+    calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=config.seed)
     with Timer() as prune:
         pruner.prune(config, calibration=calibration)
     result = {"row": row, "method": method, "target": label, "allocation": allocation, "threads": args.threads,
               "prune_s": prune.wall, "prune_cpu_s": prune.cpu, "achieved_sparsity": pruner.plan.achieved_sparsity,
               "planned_sparsity": pruner.plan.planned_sparsity, "fitness": config.fitness,
-              "max_deviation": config.max_deviation, "granularity": config.granularity}
+              "max_deviation": config.max_deviation, "granularity": config.granularity, "seed": config.seed}
     search = pruner.plan.search
     if search:
         result.update(search_s=search["search_seconds"], search_cpu_s=search.get("search_cpu_seconds"),
@@ -143,11 +144,11 @@ def _cell_key(row: dict):
 
 
 def _default_settings(row: dict) -> bool:
-    """Rows of the defaults only: another level range, fitness or budget is a different experiment."""
+    """Rows of the defaults only: another seed, level range, fitness or budget is a different experiment."""
     from optimum_msp import MSPConfig
 
     defaults = MSPConfig(sparsity=0.5)
-    if (row.get("max_deviation") not in (None, defaults.max_deviation)
+    if (row.get("seed") not in (None, defaults.seed) or row.get("max_deviation") not in (None, defaults.max_deviation)
             or row.get("granularity") not in (None, defaults.granularity)):
         return False
     if row.get("allocation") != "msp":
@@ -220,6 +221,8 @@ def main() -> None:
     parser.add_argument("--search-statistics", default=None, help="dense | seed (default: MSPConfig's)")
     parser.add_argument("--search-cache-mb", type=int, default=None, help="MSPConfig.search_cache_mb")
     parser.add_argument("--fitness-samples", type=int, default=None, help="MSPConfig.fitness_samples (windows)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="calibration windows, fitness windows and search (rows off seed 0 stay out of the matrix)")
     parser.add_argument("--max-deviation", type=float, default=None, help="MSPConfig.max_deviation")
     parser.add_argument("--granularity", default=None, help="block | layer (default: MSPConfig's)")
     parser.add_argument("--population-size", type=int, default=None)
