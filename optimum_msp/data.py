@@ -114,6 +114,26 @@ def take_windows(ids: torch.Tensor, starts: List[int], seqlen: int) -> torch.Ten
     return torch.stack([ids[0, s : s + seqlen] for s in starts])
 
 
+def locate_windows(ids: torch.Tensor, windows: torch.Tensor, probe: int = 16) -> List[Tuple[int, int]]:
+    """``(start, length)`` of every place in ``ids`` ([1, N]) where a row of ``windows`` occurs whole.
+
+    Rows that do not come from this text are absent from the answer. Used to keep the MSP fitness windows
+    disjoint from calibration windows the caller built, whatever seed or code drew them.
+    """
+    text = ids[0]
+    length = windows.shape[1]
+    probe = min(probe, length)
+    if text.numel() < length:
+        return []
+    heads = text.unfold(0, probe, 1)[: text.numel() - length + 1]  # a view: one row per candidate start
+    spans = []
+    for row in windows:
+        for start in (heads == row[:probe]).all(dim=1).nonzero().flatten().tolist():
+            if torch.equal(text[start : start + length], row):
+                spans.append((start, length))
+    return spans
+
+
 def calibration_text_ids(tokenizer, dataset: str, split: Optional[str] = None) -> torch.Tensor:
     split = split or DEFAULT_CALIBRATION_SPLIT.get(dataset, "train")
     if Path(dataset).expanduser().is_file():

@@ -2,19 +2,10 @@ import pytest
 import torch
 
 from optimum_msp.data import (
-    calibration_windows, evaluation_windows, load_text, sample_starts, take_windows,
+    calibration_windows, evaluation_windows, load_text, locate_windows, sample_starts, take_windows,
 )
 from optimum_msp.utils import local_data_dir
-
-
-class CharTokenizer:
-    """One token per character: enough to test windowing without a real vocabulary."""
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=False, verbose=False):
-        class Out:
-            input_ids = torch.tensor([[ord(c) % 97 for c in text]])
-
-        return Out()
+from tiny_models import CharTokenizer
 
 
 def test_windows_are_seeded_and_in_range():
@@ -30,6 +21,15 @@ def test_disjoint_windows_avoid_excluded_ones():
     for f in fitness:
         assert all(f + 50 <= c or c + 100 <= f for c in calibration)
     assert all(abs(a - b) >= 50 for i, a in enumerate(fitness) for b in fitness[i + 1:])
+
+
+def test_locate_windows_finds_the_rows_of_the_text_and_only_those():
+    ids = torch.randint(0, 50, (1, 5_000), generator=torch.Generator().manual_seed(0))
+    starts = sample_starts(5_000, 6, 300, seed=3)
+    foreign = torch.randint(50, 60, (1, 300))  # tokens the text never has
+    windows = torch.cat([take_windows(ids, starts, 300), foreign])
+    assert sorted(locate_windows(ids, windows)) == sorted((start, 300) for start in starts)
+    assert locate_windows(ids[:, :100], windows) == []  # text shorter than a window
 
 
 def test_text_shorter_than_one_window_is_an_error(tmp_path):

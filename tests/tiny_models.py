@@ -54,3 +54,13 @@ def tiny_model(arch: str, seed: int = 0):
 def calibration_ids(samples: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (samples, seqlen), generator=generator)
+
+
+class CharTokenizer:
+    """One token per character: enough to test windowing without a real vocabulary."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False, verbose=False):
+        class Out:
+            input_ids = torch.tensor([[ord(c) % 97 for c in text]])
+
+        return Out()

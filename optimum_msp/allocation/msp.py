@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..data import calibration_text_ids, sample_starts, take_windows
+from ..data import calibration_text_ids, locate_windows, sample_starts, take_windows
 from ..pruners import get_pruner
 from ..pruners.base import ScorePruner
 from .base import Allocation, AllocationContext, register_allocator
@@ -28,9 +28,13 @@ def fitness_windows(context: AllocationContext) -> torch.Tensor:
     if context.tokenizer is None:
         raise ValueError("The MSP search needs held-out fitness windows: give the pruner a tokenizer, or fitness_ids=.")
     ids = calibration_text_ids(context.tokenizer, config.calibration_dataset, config.calibration_split)
-    calibration = sample_starts(ids.shape[1], config.num_calibration_samples, config.seqlen, config.seed)
+    if context.calibration is not None:  # the windows actually used, whoever drew them
+        taken = locate_windows(ids, context.calibration)
+    else:
+        calibration = sample_starts(ids.shape[1], config.num_calibration_samples, config.seqlen, config.seed)
+        taken = [(start, config.seqlen) for start in calibration]
     starts = sample_starts(ids.shape[1], config.fitness_samples, config.fitness_seqlen, config.seed + 1,
-                           exclude=[(start, config.seqlen) for start in calibration])
+                           exclude=taken)
     return take_windows(ids, starts, config.fitness_seqlen)
 
 

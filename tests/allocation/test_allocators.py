@@ -3,7 +3,7 @@ import torch
 
 from optimum_msp import MSPConfig, MSPPruner, SparsityPlan
 from optimum_msp.allocation import ALLOCATORS
-from tiny_models import CORE_ARCHITECTURES, calibration_ids, tiny_model
+from tiny_models import CORE_ARCHITECTURES, CharTokenizer, calibration_ids, tiny_model
 
 SEARCH = dict(population_size=6, generations=2, fisher_samples=2)
 TARGETS = [dict(sparsity=0.7), dict(sparsity=0.6), dict(pattern="mixed-n:m", m=8, sparsity=0.75),
@@ -81,3 +81,24 @@ def test_layer_granularity_keeps_budget_per_shape():
         by_numel.setdefault(layer.numel, []).append(layer.target.sparsity)
     for values in by_numel.values():
         assert sum(values) / len(values) == pytest.approx(0.7, abs=1e-12)
+
+
+def test_drawn_fitness_windows_avoid_the_calibration_actually_given(tmp_path):
+    from optimum_msp.allocation.base import AllocationContext
+    from optimum_msp.allocation.msp import fitness_windows
+    from optimum_msp.data import calibration_text_ids, calibration_windows, locate_windows
+
+    corpus = tmp_path / "corpus.txt"
+    generator = torch.Generator().manual_seed(0)
+    corpus.write_text("".join(chr(97 + int(c)) for c in torch.randint(0, 26, (3_000,), generator=generator)))
+    config = MSPConfig(sparsity=0.5, allocation="msp", calibration_dataset=str(corpus), num_calibration_samples=20,
+                       seqlen=100, fitness_samples=6, fitness_seqlen=50, seed=0)
+    tokenizer = CharTokenizer()
+    ids = calibration_text_ids(tokenizer, str(corpus))
+    for seed in (0, 5):  # seed 5: calibration the config's own seed would not have drawn
+        calibration = calibration_windows(tokenizer, str(corpus), 20, 100, seed=seed)
+        fitness = fitness_windows(AllocationContext(None, config, [], calibration=calibration, tokenizer=tokenizer))
+        taken = locate_windows(ids, calibration)
+        assert len(taken) >= 20
+        for start, _ in locate_windows(ids, fitness):
+            assert all(start + 50 <= other or other + length <= start for other, length in taken)
