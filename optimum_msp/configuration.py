@@ -82,6 +82,7 @@ class MSPConfig(QuantizationConfigMixin):
         search_cache_mb: memory for the search's cache of block outputs per plan prefix (a candidate sharing
             its first k blocks' levels with an evaluated plan re-runs only the blocks after them); less memory
             means more block runs, never a different result. At least one plan's block outputs are kept.
+            1 GB by default: on SmolLM2 it ran 4 % more blocks than 3 GB and peaked 3 GB lower (docs/benchmarks.md).
         search_checkpoint: file where the search saves each generation and resumes from.
     """
 
@@ -115,7 +116,7 @@ class MSPConfig(QuantizationConfigMixin):
     search_statistics: str = "auto"
     population_size: int = 12
     generations: int = 10
-    search_cache_mb: int = 3072
+    search_cache_mb: int = 1024
     search_checkpoint: Optional[str] = None
     quant_method: str = QUANT_METHOD
 
