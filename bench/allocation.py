@@ -76,6 +76,7 @@ def run_row(row: str, args) -> None:
               "prune_s": prune.wall, "prune_cpu_s": prune.cpu, "achieved_sparsity": pruner.plan.achieved_sparsity,
               "planned_sparsity": pruner.plan.planned_sparsity, "fitness": config.fitness,
               "max_deviation": config.max_deviation, "granularity": config.granularity, "seed": config.seed}
+    fitness_ids = _fitness_ids(pruner, config, calibration)
     search = pruner.plan.search
     if search:
         result.update(search_s=search["search_seconds"], search_cpu_s=search.get("search_cpu_seconds"),
@@ -88,9 +89,9 @@ def run_row(row: str, args) -> None:
                       blocks_run=search["blocks_run"],
                       search_memory_mb=search.get("memory_mb"),
                       population_size=config.population_size, generations=config.generations)
-        result["dense_fwd_evals_per_s"] = 1.0 / _dense_fitness_forward_seconds(pruner, config)
+        result["dense_fwd_evals_per_s"] = 1.0 / _dense_fitness_forward_seconds(pruner.model, fitness_ids)
     # the search scores plans through its weight bank; this is the same loss on the model actually built
-    result["final_fitness_nll"] = _final_fitness_nll(pruner, config)
+    result["final_fitness_nll"] = _final_fitness_nll(pruner.model, fitness_ids)
     result["levels"] = sorted({layer.target.describe() for layer in pruner.plan.layers.values()})
     windows = None if args.full else args.eval_windows
     result.update(wikitext_perplexity(pruner.model, pruner.tokenizer, windows))
@@ -99,34 +100,32 @@ def run_row(row: str, args) -> None:
     append_result(Path(args.output), result)
 
 
-def _fitness_ids(pruner, config):
+def _fitness_ids(pruner, config, calibration):
     """The held-out windows the MSP search scores plans on (drawn the same way for every allocation)."""
     from optimum_msp.allocation.base import AllocationContext
     from optimum_msp.allocation.msp import fitness_windows
 
-    return fitness_windows(AllocationContext(pruner.model, config, [], tokenizer=pruner.tokenizer))
+    return fitness_windows(AllocationContext(pruner.model, config, [], calibration, tokenizer=pruner.tokenizer))
 
 
-def _final_fitness_nll(pruner, config) -> float:
+def _final_fitness_nll(model, ids) -> float:
     """Mean next-token NLL of the pruned model on the fitness windows: ``fitness="ppl"`` without the bank."""
     import torch
 
-    ids = _fitness_ids(pruner, config)
     with torch.no_grad():  # equal-length windows: the mean of per-window means is the per-token mean
-        losses = [float(pruner.model(input_ids=ids[i : i + 1], labels=ids[i : i + 1], use_cache=False).loss)
+        losses = [float(model(input_ids=ids[i : i + 1], labels=ids[i : i + 1], use_cache=False).loss)
                   for i in range(ids.shape[0])]
     return sum(losses) / len(losses)
 
 
-def _dense_fitness_forward_seconds(pruner, config) -> float:
+def _dense_fitness_forward_seconds(model, ids) -> float:
     """One plain forward of the fitness windows through the whole model: the unit evaluations/s compares to."""
     import torch
 
-    ids = _fitness_ids(pruner, config)
     started = time.perf_counter()
     with torch.no_grad():
         for row in range(ids.shape[0]):
-            pruner.model(input_ids=ids[row : row + 1], use_cache=False)
+            model(input_ids=ids[row : row + 1], use_cache=False)
     return time.perf_counter() - started
 
 
