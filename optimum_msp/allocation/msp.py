@@ -28,11 +28,8 @@ def fitness_windows(context: AllocationContext) -> torch.Tensor:
     if context.tokenizer is None:
         raise ValueError("The MSP search needs held-out fitness windows: give the pruner a tokenizer, or fitness_ids=.")
     ids = calibration_text_ids(context.tokenizer, config.calibration_dataset, config.calibration_split)
-    if context.calibration is not None:  # the windows actually used, whoever drew them
-        taken = locate_windows(ids, context.calibration)
-    else:
-        calibration = sample_starts(ids.shape[1], config.num_calibration_samples, config.seqlen, config.seed)
-        taken = [(start, config.seqlen) for start in calibration]
+    # the calibration windows actually used, whoever drew them (the msp allocator always runs with calibration)
+    taken = [] if context.calibration is None else locate_windows(ids, context.calibration)
     starts = sample_starts(ids.shape[1], config.fitness_samples, config.fitness_seqlen, config.seed + 1,
                            exclude=taken)
     return take_windows(ids, starts, config.fitness_seqlen)
