@@ -134,7 +134,7 @@ def main() -> None:
     import torch
 
     from optimum_msp import MSPConfig, MSPPruner, SparsityPlan
-    from optimum_msp.integrations.compact import save_compact, save_pruned
+    from optimum_msp.checkpoint import save_compact, save_pruned
     from optimum_msp.modeling import resolve_model_path
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="msp-ckpt-"))

@@ -77,8 +77,9 @@ def main() -> None:
           f"uniform plan {search['uniform_fitness']:.4f}, "
           f"Fisher seed {search['fisher_fitness']:.4f}, best {search['best_fitness']:.4f}")
     print("best per generation: " + ", ".join(f"{value:.4f}" for value in search["history"]))
-    print(f"{search['evaluations']} plans evaluated in {search['search_seconds']:.0f}s "
-          f"(Fisher {search['fisher_seconds']:.0f}s, statistics {search.get('statistics_seconds', 0):.0f}s)\n")
+    cost = pruner.report["allocation"]  # what the run cost is in the run report, not in the plan
+    print(f"{cost['evaluations']} plans evaluated in {cost['search_seconds']:.0f}s "
+          f"(Fisher {cost['fisher_seconds']:.0f}s, statistics {cost['statistics_seconds']:.0f}s)\n")
     for allocation, (ppl, achieved, seconds) in results.items():
         shown = "-" if ppl is None else f"{ppl:.2f}"
         print(f"{allocation:8s} achieved sparsity {achieved:.4f}  WikiText-2 test PPL ({args.eval_windows} windows) "

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_msp import MSPConfig, MSPPruner, PlanError
-from optimum_msp.integrations.compact import save_compact, save_pruned
+from optimum_msp.checkpoint import save_compact, save_pruned
 
 
 def _size_mb(folder: Path) -> float:

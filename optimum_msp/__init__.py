@@ -6,9 +6,17 @@ from .configuration import MSPConfig
 from .plan import LayerTarget, PlanError, SparsityPlan
 from .pruner import MSPPruner
 from .integrations import transformers as _transformers_integration  # noqa: F401  (registers "msp")
-from .integrations.trainer import SparsityPreservingCallback
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0.dev0"
 __all__ = ["LayerTarget", "MSPConfig", "MSPPruner", "PlanError", "SparsityPlan", "SparsityPreservingCallback"]
+
+
+def __getattr__(name):
+    # The Trainer callback pulls in transformers' Trainer machinery: loaded on first use, not at import.
+    if name == "SparsityPreservingCallback":
+        from .integrations.trainer import SparsityPreservingCallback
+
+        return SparsityPreservingCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,19 +1,35 @@
-"""``MSPConfig``: every knob of a pruning run, validated, serialisable, and usable as the
-``quantization_config`` of ``transformers``' ``from_pretrained`` (prune-on-load)."""
+"""``MSPConfig``: the one object users build for a pruning run; serialisable, and usable as the
+``quantization_config`` of ``transformers``' ``from_pretrained`` (prune-on-load).
+
+It is flat on purpose (``MSPConfig(method="sparsegpt", dampening=0.05, allocation="msp", generations=20)``),
+but it knows no family's vocabulary: its names are the run's own fields (:class:`RunOptions`) plus the
+fields of every registered option class (:mod:`optimum_msp.options`), each validated by the class that
+declares it. :meth:`MSPConfig.resolved` returns the normalised copy a run uses (an N:M pattern gives its
+sparsity and M; a fixed N:M with a non-uniform allocation becomes a per-layer N:M); the config itself keeps
+what the user asked.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
+import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .allocation import ALLOCATORS, Budget
+from .options import FieldSpec, Options, option
+from .pruners import PRUNERS
+
+logger = logging.getLogger(__name__)
+
 CONFIG_NAME = "msp_config.json"
 QUANT_METHOD = "msp"
+PATTERN_KINDS = ("unstructured", "n:m", "mixed-n:m")
 
 
 def parse_pattern(pattern: str) -> Tuple[str, Optional[int], Optional[int]]:
@@ -38,194 +54,162 @@ def parse_pattern(pattern: str) -> Tuple[str, Optional[int], Optional[int]]:
 
 
 @dataclass
-class MSPConfig(QuantizationConfigMixin):
-    """Configuration of a pruning run.
+class RunOptions(Options):
+    """What every run has, whatever its methods: what to prune, how much, and on which data."""
 
-    Args:
-        method: pruner, one of ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` (or any registered one).
-        sparsity: target global (parameter-weighted) sparsity of the targeted layers, in [0, 1). Derived from
-            ``pattern`` when that is a fixed N:M; defaults to 0.5 otherwise.
-        pattern: ``"unstructured"``; a fixed ``"N:M"`` (N weights *kept* in every M consecutive inputs, so
-            ``"2:4"`` is 50 % sparse); or ``"mixed-n:m"``: one N per layer for a fixed ``m``.
-        m: group size M for ``"mixed-n:m"`` (default 8).
-        allocation: how sparsity is spread over layers: ``"uniform"``, ``"owl"``, ``"fisher"``, ``"msp"``.
-        calibration_dataset: ``"wikitext2"``, ``"c4"`` or a local ``.txt`` / ``.raw`` / ``.jsonl`` path.
-        calibration_split: split to calibrate on (WikiText-2 default: ``"validation"``, since the train split
-            is not always available offline).
-        num_calibration_samples / seqlen / seed: random ``seqlen``-token windows, seeded.
-        targets / ignore: which linear layers inside decoder blocks are pruned; plain names, name suffixes,
-            class names, or ``"re:<regex>"`` on the full module name. Embeddings and ``lm_head`` are never
-            pruned.
-        block_name: dotted name of the decoder-block ``ModuleList`` when it cannot be found automatically.
-        batch_size: calibration windows per forward pass.
-        block_size / dampening: SparseGPT's column block and relative Hessian dampening.
-        owl_threshold / owl_lambda: OWL's outlier multiplier and the +-range of layer sparsities.
-        granularity: what one allocation level covers: ``"block"`` (all targeted linears of a decoder block)
-            or ``"layer"`` (each linear on its own).
-        max_deviation: non-uniform allocations keep every unit within target +- this sparsity.
-        level_step: spacing of the unstructured sparsity levels (mixed N:M moves one N at a time).
-        max_layer_sparsity: no unit is pruned beyond this.
-        fisher_samples / fisher_seqlen: the Fisher trace sums squared per-sequence gradients over the first
-            ``fisher_seqlen`` tokens of the first ``fisher_samples`` calibration windows.
-        fitness: MSP search objective on held-out calibration text: ``"ppl"`` (mean next-token NLL of the
-            pruned model; the default: on SmolLM2 at 75 % it found a plan with 8 % lower test perplexity than
-            ``"kl"``, docs/benchmarks.md) or ``"kl"`` (KL divergence to the dense model's next-token
-            distribution; keeps the dense logits of the fitness windows in memory).
-        fitness_samples / fitness_seqlen: windows the fitness is measured on (disjoint from calibration).
-        search_statistics: the input statistics the search's pruned weights are computed from: ``"dense"``
-            (of the unpruned model) or ``"seed"`` (gathered as a sequential prune with the Fisher seed plan
-            gathers them, each block's inputs coming from pruned blocks, as in the final prune). ``"auto"``
-            (default): ``"seed"`` for pruners that update the kept weights (SparseGPT: on SmolLM2 at 70 % it
-            found a plan with 14 % lower test perplexity than ``"dense"``, docs/benchmarks.md), ``"dense"``
-            for pruners that only mask (not measured against ``"seed"`` yet).
-        population_size / generations: the MSP evolutionary search budget.
-        search_cache_mb: memory for the search's cache of block outputs per plan prefix (a candidate sharing
-            its first k blocks' levels with an evaluated plan re-runs only the blocks after them); less memory
-            means more block runs, never a different result. At least one plan's block outputs are kept.
-            1 GB by default: on SmolLM2 it ran 4 % more blocks than 3 GB and peaked 3 GB lower (docs/benchmarks.md).
-        search_checkpoint: file where the search saves each generation and resumes from.
+    method: str = option("wanda", "pruning method (magnitude | wanda | sparsegpt, or any registered one)")
+    sparsity: Optional[float] = option(
+        None, "target global (parameter-weighted) sparsity of the targeted layers; derived from a fixed N:M "
+        "pattern, 0.5 otherwise", kind=float, low=0.0, high=1.0, high_open=True, optional=True)
+    pattern: str = option(
+        "unstructured", "unstructured | N:M (N weights kept in every M consecutive inputs: '2:4' is 50 % sparse) "
+        "| mixed-n:m (one N per layer, for a fixed m)")
+    m: Optional[int] = option(None, "group size M of mixed-n:m (default 8)", kind=int, low=1, optional=True)
+    allocation: str = option("uniform", "how sparsity is spread over layers (uniform | owl | fisher | msp)")
+    calibration_dataset: str = option("wikitext2", "wikitext2 | c4 | a local .txt/.raw/.jsonl file")
+    calibration_split: Optional[str] = option(
+        None, "split to calibrate on (default: validation for wikitext2, train for c4)", optional=True)
+    num_calibration_samples: int = option(32, "random calibration windows", kind=int, low=1)
+    seqlen: int = option(2048, "tokens per calibration window", kind=int, low=1)
+    seed: int = option(0, "seed of the calibration windows, the held-out windows and the search", kind=int,
+                       low=0, high=2**32 - 1)
+    targets: List[str] = option(
+        ["Linear"], "layers to prune inside the decoder blocks: names, name suffixes, class names or "
+        "re:<regex> (embeddings and lm_head are never pruned)", is_list=True)
+    ignore: List[str] = option([], "layers to leave dense, same forms as targets", is_list=True)
+    block_name: Optional[str] = option(
+        None, "dotted name of the decoder-block ModuleList, when it cannot be found automatically", optional=True)
+    batch_size: int = option(1, "calibration windows per forward pass", kind=int, low=1)
+
+
+def config_fields() -> Dict[str, FieldSpec]:
+    """Every name :class:`MSPConfig` accepts, with the option class that declares it: the run's own fields,
+    then each registered pruner's and allocator's. The command line is generated from this."""
+    fields: Dict[str, FieldSpec] = {}
+    classes = [RunOptions] + PRUNERS.option_classes() + ALLOCATORS.option_classes()
+    for cls in classes:
+        for spec in cls.specs():
+            known = fields.setdefault(spec.name, spec)
+            if known.owner is not spec.owner and known.default != spec.default:
+                raise RuntimeError(f"Option {spec.name!r} is declared by {known.owner.__name__} and "
+                                   f"{spec.owner.__name__} with different defaults; rename one.")
+    return fields
+
+
+class MSPConfig(QuantizationConfigMixin):
+    """Configuration of a pruning run: :class:`RunOptions` plus the options of the chosen method and allocation.
+
+    >>> MSPConfig(method="sparsegpt", sparsity=0.75, allocation="msp", generations=20)
+
+    Every keyword is a field of :class:`RunOptions` or of a registered option class (``SparseGPTOptions``,
+    ``OWLOptions``, ``FisherOptions``, ``SearchOptions``, ...); ``optimum-msp prune --help`` lists them all with
+    their defaults. Values are validated at construction; an error names the field. Options of a method or
+    allocation that the run does not use are accepted (a saved config stays loadable after ``method`` changes),
+    left out of :meth:`to_dict`, and a warning is logged when such an option was given a non-default value.
     """
 
-    method: str = "wanda"
-    sparsity: Optional[float] = None
-    pattern: str = "unstructured"
-    m: Optional[int] = None
-    allocation: str = "uniform"
-    calibration_dataset: str = "wikitext2"
-    calibration_split: Optional[str] = None
-    num_calibration_samples: int = 32
-    seqlen: int = 2048
-    seed: int = 0
-    targets: List[str] = field(default_factory=lambda: ["Linear"])
-    ignore: List[str] = field(default_factory=list)
-    block_name: Optional[str] = None
-    batch_size: int = 1
-    block_size: int = 128
-    dampening: float = 0.01
-    owl_threshold: float = 5.0
-    owl_lambda: float = 0.08
-    granularity: str = "block"
-    max_deviation: float = 0.2
-    level_step: float = 0.025
-    max_layer_sparsity: float = 0.95
-    fisher_samples: int = 16
-    fisher_seqlen: int = 512
-    fitness: str = "ppl"
-    fitness_samples: int = 4
-    fitness_seqlen: int = 256
-    search_statistics: str = "auto"
-    population_size: int = 12
-    generations: int = 10
-    search_cache_mb: int = 1024
-    search_checkpoint: Optional[str] = None
-    quant_method: str = QUANT_METHOD
-
-    def __post_init__(self):
+    def __init__(self, **values: Any):
+        quant_method = values.pop("quant_method", QUANT_METHOD)
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method of an MSPConfig is {QUANT_METHOD!r}, got {quant_method!r}.")
+        fields = config_fields()
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise ValueError(f"Unknown MSPConfig keys {sorted(unknown)}; known keys: {sorted(fields)}.")
+        for name, spec in fields.items():
+            setattr(self, name, values[name] if name in values else copy.deepcopy(spec.default))
+        self.quant_method = QUANT_METHOD
         self.validate()
+        unused = [name for name in values if name not in self._used_names()
+                  and values[name] != fields[name].default]
+        if unused:
+            logger.warning("%s ignored: not an option of method=%r or allocation=%r.",
+                           ", ".join(f"{name}={values[name]!r}" for name in unused), self.method, self.allocation)
 
     # --------------------------------------------------------------------------------------- validation
     def validate(self) -> None:
-        from .allocation import ALLOCATORS
-        from .pruners import PRUNERS
+        """Check every value (type, range, consistency); ``ValueError`` names the field. Changes nothing."""
+        self._resolved_values()
 
-        if self.method not in PRUNERS:
-            raise ValueError(f"Unknown method {self.method!r}; choose one of {list(PRUNERS)}.")
-        if self.allocation not in ALLOCATORS:
-            raise ValueError(f"Unknown allocation {self.allocation!r}; choose one of {list(ALLOCATORS)}.")
-        kind, n, m = parse_pattern(self.pattern)
-        self.pattern = kind if n is None else f"{n}:{m}"
-        if kind == "n:m":
-            implied = 1.0 - n / m
-            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
-                raise ValueError(
-                    f"pattern {self.pattern} is {implied:.4g} sparse but sparsity={self.sparsity} was asked; drop "
-                    "sparsity, or use pattern='mixed-n:m' with m= to reach another average."
-                )
-            if self.m is not None and self.m != m:
-                raise ValueError(f"pattern {self.pattern} has M={m} but m={self.m} was given.")
-            self.sparsity, self.m = implied, m
-            if self.allocation != "uniform":
-                # A non-uniform allocation of N:M is a per-layer N around the average N:M.
-                self.pattern = kind = "mixed-n:m"
-        if kind == "mixed-n:m":
-            self.m = 8 if self.m is None else self.m
-            if not isinstance(self.m, int) or self.m <= 0:
-                raise ValueError(f"m (the N:M group size) must be a positive integer, got {self.m!r}.")
-        elif kind == "unstructured" and self.m is not None:
-            raise ValueError("m is only meaningful with pattern='mixed-n:m' or an N:M pattern.")
-        if self.sparsity is None:
-            self.sparsity = 0.5
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
-            raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must lie in [0, 1) (0.5 = half the weights removed), got {self.sparsity}.")
-        self.sparsity = float(self.sparsity)
-        if self.granularity not in ("block", "layer"):
-            raise ValueError(f"granularity must be 'block' or 'layer', got {self.granularity!r}.")
-        if self.fitness not in ("kl", "ppl"):
-            raise ValueError(f"fitness must be 'kl' or 'ppl', got {self.fitness!r}.")
-        if self.search_statistics not in ("auto", "dense", "seed"):
-            raise ValueError(f"search_statistics must be 'auto', 'dense' or 'seed', got {self.search_statistics!r}.")
-        if not 0.0 <= self.max_deviation < 1.0 or not 0.0 < self.level_step < 1.0:
-            raise ValueError("max_deviation must lie in [0, 1) and level_step in (0, 1).")
-        if not self.sparsity <= self.max_layer_sparsity <= 1.0:
-            raise ValueError(f"max_layer_sparsity must lie in [sparsity, 1], got {self.max_layer_sparsity}.")
-        for name in ("num_calibration_samples", "seqlen", "batch_size", "block_size", "population_size",
-                     "fisher_samples", "fisher_seqlen", "fitness_samples", "fitness_seqlen"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("generations", "search_cache_mb"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-        if not 0.0 <= self.dampening:
-            raise ValueError(f"dampening must be >= 0, got {self.dampening}.")
-        if not 0.0 <= self.owl_lambda < 1.0:
-            raise ValueError(f"owl_lambda must lie in [0, 1), got {self.owl_lambda}.")
-        for name in ("targets", "ignore"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                setattr(self, name, [value])
-            elif not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{name} must be a list of strings (names, suffixes, classes or 're:' regexes).")
-            else:
-                setattr(self, name, list(value))
-        if self.quant_method != QUANT_METHOD:
-            raise ValueError(f"quant_method of an MSPConfig is {QUANT_METHOD!r}, got {self.quant_method!r}.")
+    def _resolved_values(self) -> Dict[str, Any]:
+        fields = config_fields()
+        values = {name: fields[name].check(getattr(self, name)) for name in fields}
+        if values["method"] not in PRUNERS:
+            raise ValueError(f"Unknown method {values['method']!r}; choose one of {list(PRUNERS)}.")
+        if values["allocation"] not in ALLOCATORS:
+            raise ValueError(f"Unknown allocation {values['allocation']!r}; choose one of {list(ALLOCATORS)}.")
+        values.update(_resolve_pattern(values["pattern"], values["sparsity"], values["m"], values["allocation"]))
+        for cls in PRUNERS.option_classes() + ALLOCATORS.option_classes():
+            cls.from_values(values).check(sparsity=values["sparsity"])
+        return values
+
+    def resolved(self) -> "MSPConfig":
+        """The normalised copy a run uses: ``sparsity`` and ``m`` filled in, the pattern in canonical form."""
+        values = self._resolved_values()
+        values.pop("quant_method", None)
+        return MSPConfig(**values)
+
+    def _used_names(self) -> set:
+        classes = (RunOptions, PRUNERS.options(self.method), ALLOCATORS.options(self.allocation))
+        return {spec.name for cls in classes for spec in cls.specs()}
 
     # ------------------------------------------------------------------------------------- derived views
     @property
     def nm(self) -> Optional[Tuple[int, int]]:
-        """(n, m) of a fixed N:M pattern, else ``None``."""
-        kind, n, m = parse_pattern(self.pattern)
+        """(n, m) of a fixed N:M pattern, else ``None`` (of the resolved pattern)."""
+        kind, n, m = parse_pattern(self._resolved_values()["pattern"])
         return (n, m) if kind == "n:m" else None
 
     @property
     def pattern_kind(self) -> str:
-        return parse_pattern(self.pattern)[0]
+        return parse_pattern(self._resolved_values()["pattern"])[0]
+
+    def budget(self) -> Budget:
+        """The global target allocators hold exactly (sparsity, pattern kind, M)."""
+        values = self._resolved_values()
+        return Budget(values["sparsity"], parse_pattern(values["pattern"])[0], values["m"])
+
+    def pruner_options(self) -> Options:
+        return PRUNERS.options(self.method).from_values(self._resolved_values())
+
+    def allocation_options(self) -> Options:
+        return ALLOCATORS.options(self.allocation).from_values(self._resolved_values())
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the chosen method or allocation needs calibration data (the one place this is decided)."""
+        return bool(PRUNERS.get(self.method).needs_calibration
+                    or ALLOCATORS.entry(self.allocation).flags.get("needs_calibration", False))
 
     # -------------------------------------------------------------------------------------- persistence
     def to_dict(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The run's fields and the options of its method and allocation (plus ``quant_method``)."""
+        used = self._used_names()
+        out = {name: copy.deepcopy(getattr(self, name)) for name in config_fields() if name in used}
+        out["quant_method"] = QUANT_METHOD
+        return out
 
     def to_diff_dict(self) -> Dict[str, Any]:
         return self.to_dict()
 
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MSPConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"MSPConfig({json.dumps(self.to_dict(), sort_keys=True)})"
+
     @classmethod
     def from_dict(cls, config_dict: Dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(config_dict) - names
+        fields = set(config_fields()) | {"quant_method"}
+        unknown = set(config_dict) - fields
         if unknown:
-            raise ValueError(f"Unknown MSPConfig keys {sorted(unknown)}; known keys: {sorted(names)}.")
-        config = cls(**config_dict)
-        unused = {}
-        for key, value in kwargs.items():
-            if key in names:
-                setattr(config, key, value)
-            else:
-                unused[key] = value
-        config.validate()
+            raise ValueError(f"Unknown MSPConfig keys {sorted(unknown)}; known keys: {sorted(fields)}.")
+        known = {key: value for key, value in kwargs.items() if key in fields}
+        unused = {key: value for key, value in kwargs.items() if key not in fields}
+        config = cls(**{**config_dict, **known})
         return (config, unused) if return_unused_kwargs else config
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> Path:
@@ -247,3 +231,24 @@ class MSPConfig(QuantizationConfigMixin):
         except json.JSONDecodeError as error:
             raise ValueError(f"{file} is not valid JSON: {error}") from None
         return cls.from_dict(data, **kwargs)
+
+
+def _resolve_pattern(pattern: str, sparsity: Optional[float], m: Optional[int], allocation: str) -> Dict[str, Any]:
+    """Canonical ``pattern``, ``sparsity`` and ``m`` (raises on contradictions); changes nothing."""
+    kind, n, pattern_m = parse_pattern(pattern)
+    if kind == "n:m":
+        implied = 1.0 - n / pattern_m
+        if sparsity is not None and abs(sparsity - implied) > 1e-9:
+            raise ValueError(
+                f"pattern {n}:{pattern_m} is {implied:.4g} sparse but sparsity={sparsity} was asked; drop "
+                "sparsity, or use pattern='mixed-n:m' with m= to reach another average."
+            )
+        if m is not None and m != pattern_m:
+            raise ValueError(f"pattern {n}:{pattern_m} has M={pattern_m} but m={m} was given.")
+        # a non-uniform allocation of N:M is a per-layer N around the average N:M
+        return {"pattern": f"{n}:{pattern_m}" if allocation == "uniform" else "mixed-n:m", "sparsity": implied,
+                "m": pattern_m}
+    if kind == "unstructured" and m is not None:
+        raise ValueError("m is only meaningful with pattern='mixed-n:m' or an N:M pattern.")
+    return {"pattern": kind, "sparsity": 0.5 if sparsity is None else sparsity,
+            "m": (8 if m is None else m) if kind == "mixed-n:m" else None}

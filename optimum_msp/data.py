@@ -9,8 +9,9 @@ file. Text is joined as the raw file has it (lines joined by newlines), tokenize
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -156,3 +157,58 @@ def evaluation_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int
     if max_windows is not None:
         count = min(count, max_windows)
     return ids[0, : count * seqlen].reshape(count, seqlen)
+
+
+@dataclass
+class CalibrationData:
+    """The calibration of one run, drawn once and handed to every stage that needs data.
+
+    ``ids`` are the ``[samples, seqlen]`` windows the statistics, the Fisher pass and the final prune use;
+    :meth:`held_out` draws windows of the same text that overlap none of them (the MSP search's fitness),
+    never from an evaluation split. ``recipe`` is what the plan records about the calibration.
+    """
+
+    ids: torch.Tensor
+    recipe: Dict[str, Any] = field(default_factory=dict)
+    #: the held-out windows, when the caller gave them (``fitness_ids=``)
+    held_out_ids: Optional[torch.Tensor] = None
+    #: loads the whole calibration text as ``[1, N]`` token ids (only when held-out windows are drawn)
+    text_loader: Optional[Callable[[], torch.Tensor]] = None
+
+    @classmethod
+    def draw(cls, tokenizer, dataset: str, num_samples: int, seqlen: int, seed: int = 0,
+             split: Optional[str] = None) -> "CalibrationData":
+        """``num_samples`` seeded random windows of the calibration text (tokenized once)."""
+        text_ids = calibration_text_ids(tokenizer, dataset, split)
+        ids = take_windows(text_ids, sample_starts(text_ids.shape[1], num_samples, seqlen, seed), seqlen)
+        return cls(ids, _recipe(dataset, split, ids, seed), text_loader=lambda: text_ids)
+
+    @classmethod
+    def given(cls, ids: torch.Tensor, tokenizer=None, dataset: Optional[str] = None, split: Optional[str] = None,
+              seed: Optional[int] = None, held_out_ids: Optional[torch.Tensor] = None) -> "CalibrationData":
+        """Windows the caller built; with a tokenizer, held-out windows are drawn from ``dataset``'s text."""
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+            raise ValueError("calibration= must be a [samples, seqlen] tensor of token ids.")
+        loader = None
+        if tokenizer is not None and dataset is not None:
+            def loader():
+                return calibration_text_ids(tokenizer, dataset, split)
+        return cls(ids, _recipe(dataset, split, ids, seed), held_out_ids, loader)
+
+    def held_out(self, num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+        """``[num_samples, seqlen]`` windows of the calibration text disjoint from every window of ``ids``."""
+        if self.held_out_ids is not None:
+            return self.held_out_ids
+        if self.text_loader is None:
+            raise ValueError("Held-out windows (the MSP search's fitness) need the calibration text: give the pruner "
+                             "a tokenizer, or pass fitness_ids=.")
+        text_ids = self.text_loader()
+        # the windows actually used, wherever they came from (drawn here, or built by the caller)
+        taken = locate_windows(text_ids, self.ids)
+        starts = sample_starts(text_ids.shape[1], num_samples, seqlen, seed, exclude=taken)
+        return take_windows(text_ids, starts, seqlen)
+
+
+def _recipe(dataset, split, ids: torch.Tensor, seed) -> Dict[str, Any]:
+    return {"dataset": dataset, "split": split, "num_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+            "seed": seed}

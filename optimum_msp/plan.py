@@ -132,6 +132,27 @@ class SparsityPlan:
         "planned_sparsity", "m", "layers", "calibration", "search", "block_sensitivity",
     }
 
+    @classmethod
+    def from_allocation(cls, result: Any, *, method: str, allocation: str, pattern: str, target_sparsity: float,
+                        m: Optional[int], numels: Mapping[str, int], achieved: Mapping[str, float],
+                        calibration: Optional[Mapping[str, Any]] = None) -> "SparsityPlan":
+        """The plan of a finished run: an allocator's result (``optimum_msp.allocation.AllocationResult``: targets,
+        sensitivities, search summary) with what the pruner achieved. What the run cost stays out of it."""
+        return cls(
+            method=method,
+            pattern=pattern,
+            allocation=allocation,
+            target_sparsity=target_sparsity,
+            m=m,
+            layers={
+                name: LayerPlan(target, numels[name], achieved.get(name), result.layer_sensitivity.get(name))
+                for name, target in result.targets.items()
+            },
+            calibration=dict(calibration or {}),
+            search=dict(result.search),
+            block_sensitivity=dict(result.block_sensitivity),
+        )
+
     # ----------------------------------------------------------------------------------------- numbers
     @property
     def planned_sparsity(self) -> float:

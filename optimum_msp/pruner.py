@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,18 +17,22 @@ from torch import nn
 
 from .allocation import ALLOCATORS, AllocationContext
 from .apply import apply_targets
+from .checkpoint import save_pruned
+from .checkpoint.marker import mark_pruned
 from .configuration import MSPConfig
-from .data import calibration_windows
+from .data import CalibrationData
 from .integrations.model_card import build_model_card
-from .integrations.transformers import mark_pruned
 from .modeling.blocks import select_linears
 from .modeling.loading import load_model, load_tokenizer
 from .modeling.sequential import BlockRunner
-from .plan import CONFIG_KEY, LayerPlan, SparsityPlan
-from .pruners import get_pruner
+from .plan import CONFIG_KEY, SparsityPlan
+from .pruners import build_pruner
 from .utils.io import atomic_directory
 
 logger = logging.getLogger(__name__)
+
+#: the run report saved beside a checkpoint: timings, memory, counters (never in config.json)
+REPORT_NAME = "report.json"
 
 
 class MSPPruner:
@@ -39,9 +46,10 @@ class MSPPruner:
     def __init__(self, model: nn.Module, tokenizer: Any = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.config: Optional[MSPConfig] = None
+        self.config: Optional[MSPConfig] = None  # the resolved config of the last prune
         self.plan: Optional[SparsityPlan] = None
-        self.stats: Dict[str, float] = {}
+        #: what the last prune cost: timings, memory, counters (``report.json`` beside a saved checkpoint)
+        self.report: Dict[str, Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -60,13 +68,19 @@ class MSPPruner:
         return cls(model, tokenizer)
 
     # ------------------------------------------------------------------------------------------- prune
-    def calibration(self, config: MSPConfig) -> torch.Tensor:
+    def calibration(self, config: MSPConfig, ids: Optional[torch.Tensor] = None,
+                    held_out_ids: Optional[torch.Tensor] = None) -> CalibrationData:
+        """The run's calibration: ``ids`` when given (held-out windows then come from the config's dataset when
+        there is a tokenizer), else windows drawn from the config's dataset with its seed."""
+        if ids is not None:
+            return CalibrationData.given(ids, self.tokenizer, config.calibration_dataset, config.calibration_split,
+                                         config.seed, held_out_ids)
         if self.tokenizer is None:
             raise ValueError("Calibration needs a tokenizer: pass tokenizer= to MSPPruner (or calibration=).")
-        return calibration_windows(
-            self.tokenizer, config.calibration_dataset, config.num_calibration_samples, config.seqlen,
-            config.seed, config.calibration_split,
-        )
+        data = CalibrationData.draw(self.tokenizer, config.calibration_dataset, config.num_calibration_samples,
+                                    config.seqlen, config.seed, config.calibration_split)
+        data.held_out_ids = held_out_ids
+        return data
 
     def prune(self, config: Optional[MSPConfig] = None, calibration: Optional[torch.Tensor] = None,
               fitness_ids: Optional[torch.Tensor] = None, **config_kwargs) -> nn.Module:
@@ -74,15 +88,15 @@ class MSPPruner:
 
         ``calibration`` ([samples, seqlen] token ids) overrides the dataset named in the config;
         ``fitness_ids`` the held-out windows of the MSP search (drawn from the calibration text otherwise).
+        What the run cost (timings, memory, counters) is in :attr:`report` afterwards.
         """
         if config is None:
             config = MSPConfig(**config_kwargs)
         elif config_kwargs:
             raise ValueError("Pass either an MSPConfig or keyword arguments, not both.")
-        config.validate()
+        config = config.resolved()
         started = time.perf_counter()
-        pruner = get_pruner(config.method, block_size=config.block_size, dampening=config.dampening)
-        allocator = ALLOCATORS.get(config.allocation)
+        pruner = build_pruner(config.method, config.pruner_options())
         runner = BlockRunner(self.model, config.block_name)
         layers = [
             select_linears(block, f"{runner.block_prefix}.{i}", config.targets, config.ignore)
@@ -92,38 +106,31 @@ class MSPPruner:
             raise ValueError(
                 f"targets={config.targets} / ignore={config.ignore} select no linear layer inside the decoder blocks."
             )
-        if calibration is None and (pruner.needs_calibration or allocator.needs_calibration):
-            calibration = self.calibration(config)
-        context = AllocationContext(self.model, config, layers, calibration, runner, self.tokenizer, fitness_ids)
-        targets = allocator.fn(context)
+        data = None
+        if calibration is not None or config.needs_calibration:
+            data = self.calibration(config, calibration, fitness_ids)
+        context = AllocationContext(self.model, layers, config.budget(), config.allocation_options(), pruner, data,
+                                    runner, config.seed, config.batch_size)
+        result = ALLOCATORS.get(config.allocation)(context)
         allocated = time.perf_counter()
-        achieved = apply_targets(runner, layers, targets, pruner, calibration, config.batch_size)
+        achieved = apply_targets(runner, layers, result.targets, pruner, None if data is None else data.ids,
+                                 config.batch_size)
         finished = time.perf_counter()
 
-        numels = context.numels
-        sensitivities = context.extras.get("layer_sensitivity", {})
-        self.plan = SparsityPlan(
-            method=config.method,
-            pattern=config.pattern_kind,
-            allocation=config.allocation,
-            target_sparsity=config.sparsity,
-            m=config.m,
-            layers={
-                name: LayerPlan(target, numels[name], achieved.get(name), sensitivities.get(name))
-                for name, target in targets.items()
-            },
-            calibration={
-                "dataset": config.calibration_dataset,
-                "split": config.calibration_split,
-                "num_samples": int(calibration.shape[0]) if calibration is not None else 0,
-                "seqlen": int(calibration.shape[1]) if calibration is not None else 0,
-                "seed": config.seed,
-            },
-            search=context.extras.get("search", {}),
-            block_sensitivity=context.extras.get("block_sensitivity", {}),
+        self.plan = SparsityPlan.from_allocation(
+            result, method=config.method, allocation=config.allocation, pattern=config.pattern_kind,
+            target_sparsity=config.sparsity, m=config.m, numels=context.numels, achieved=achieved,
+            calibration=data.recipe if data is not None else {
+                "dataset": config.calibration_dataset, "split": config.calibration_split, "num_samples": 0,
+                "seqlen": 0, "seed": config.seed},
         )
         self.config = config
-        self.stats = {"allocation_seconds": allocated - started, "prune_seconds": finished - allocated}
+        self.report = {
+            "allocation_seconds": round(allocated - started, 2),
+            "prune_seconds": round(finished - allocated, 2),
+            "allocation": dict(result.report),
+            "peak_rss_mb": peak_rss_mb(),
+        }
         setattr(self.model.config, CONFIG_KEY, self.plan.to_dict())
         # the marker that makes a reload (with optimum_msp imported) verify the weights against the plan
         mark_pruned(self.model)
@@ -148,16 +155,16 @@ class MSPPruner:
         ``compact=True`` stores pruned layers as kept values + bitmask / N:M indices (those layers take 0.5625x
         their dense size at 50 % in bf16, 0.3125x at 75 %; unpruned tensors are stored as is);
         ``compact="deflate"`` also deflates those tensors losslessly (smaller still, slower to save). Loading
-        either needs ``optimum_msp`` imported. See :mod:`optimum_msp.integrations.compact`.
+        either needs ``optimum_msp`` imported. See :mod:`optimum_msp.checkpoint.codec`.
         """
-        from .integrations.compact import save_pruned
-
         with atomic_directory(save_directory) as staging:
             save_pruned(self.model, staging, compact=compact, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
             if self.config is not None:
                 self.config.save_pretrained(staging)
+            if self.report:
+                (Path(staging) / REPORT_NAME).write_text(json.dumps(self.report, indent=2, sort_keys=True) + "\n")
             if self.plan is not None:
                 base_model = getattr(self.model.config, "_name_or_path", None) or None
                 figure = _write_plot(self.plan, Path(staging)) if plot else None
@@ -198,3 +205,12 @@ def _write_plot(plan: SparsityPlan, folder: Path) -> Optional[str]:
         logger.warning("Could not draw the sparsity plan (%s); saving without the figure.", error)
         return None
     return PLOT_FILENAME
+
+
+def peak_rss_mb() -> Optional[float]:
+    """Peak resident memory of this process so far, in MB (``None`` where the platform does not say)."""
+    try:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (AttributeError, OSError):  # pragma: no cover - not POSIX
+        return None
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux

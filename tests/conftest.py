@@ -1,14 +1,18 @@
 import os
-import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tiny_models / hub_server helpers
-
-from hub_server import fake_hub  # noqa: E402,F401  (loopback Hub fixture)
+from hub_server import fake_hub  # noqa: F401  (loopback Hub fixture; tests/ is on pytest's pythonpath)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The library reads local data only from OPTIMUM_MSP_DATA_DIR; the tests use the shared copies beside the
+# checkout when the caller did not choose a folder.
+_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if _SHARED_DATA.is_dir():
+    os.environ.setdefault("OPTIMUM_MSP_DATA_DIR", str(_SHARED_DATA))
 
 
 @pytest.fixture(autouse=True)

@@ -79,3 +79,11 @@ def test_data_dir_env_var(monkeypatch, tmp_path):
     monkeypatch.setenv("OPTIMUM_MSP_DATA_DIR", str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="OPTIMUM_MSP_DATA_DIR"):
         local_data_dir()
+
+
+def test_data_dir_is_never_guessed_from_where_the_library_runs(monkeypatch, tmp_path):
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # ../shared/data exists from here
+    monkeypatch.delenv("OPTIMUM_MSP_DATA_DIR", raising=False)
+    assert local_data_dir() is None

@@ -56,11 +56,20 @@ def calibration_ids(samples: int = 4, seqlen: int = 32, seed: int = 0) -> torch.
     return torch.randint(0, VOCAB, (samples, seqlen), generator=generator)
 
 
+def level_space(config, layers, numels):
+    """The level space an allocator would build for ``config`` (an ``MSPConfig``) over ``layers``."""
+    from optimum_msp.allocation.levels import LevelOptions, LevelSpace
+
+    config = config.resolved()
+    return LevelSpace.build(config.budget(), LevelOptions.from_values(vars(config)), layers, numels)
+
+
 class CharTokenizer:
-    """One token per character: enough to test windowing without a real vocabulary."""
+    """One token per character, every id inside the tiny models' vocabulary: enough to test windowing without a
+    real vocabulary."""
 
     def __call__(self, text, return_tensors=None, add_special_tokens=False, verbose=False):
         class Out:
-            input_ids = torch.tensor([[ord(c) % 97 for c in text]])
+            input_ids = torch.tensor([[ord(c) % VOCAB for c in text]])
 
         return Out()

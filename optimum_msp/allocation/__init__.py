@@ -1,4 +1,4 @@
-from .base import ALLOCATORS, Allocation, AllocationContext, register_allocator, uniform_target
+from .base import ALLOCATORS, Allocation, AllocationContext, AllocationResult, Budget, uniform_target
 from . import fisher, msp, owl, uniform  # noqa: F401  (registration)
 
-__all__ = ["ALLOCATORS", "Allocation", "AllocationContext", "register_allocator", "uniform_target"]
+__all__ = ["ALLOCATORS", "Allocation", "AllocationContext", "AllocationResult", "Budget", "uniform_target"]

@@ -1,23 +1,38 @@
 """Allocators turn a global target into per-layer targets (the sparsity plan's levels).
 
-Every allocator returns targets whose parameter-weighted global sparsity equals the requested one
-exactly. The discrete level sets are shared: for mixed N:M, a per-layer N (weights kept per group of M);
-for unstructured sparsity, a grid of levels.
+An allocator is a function registered with its option class and capability flags::
+
+    @ALLOCATORS.register("owl", options=OWLOptions, needs_calibration=True)
+    def owl(context: AllocationContext) -> AllocationResult: ...
+
+It reads what it needs from the :class:`AllocationContext` (the model's layers, the calibration data, the
+run's pruner, its own options) and returns an :class:`AllocationResult`. Every allocator returns targets
+whose parameter-weighted global sparsity equals the requested one exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-import torch
 from torch import nn
 
-from ..configuration import MSPConfig
+from ..data import CalibrationData
+from ..options import Options
 from ..plan import LayerTarget
+from ..pruners.base import Pruner
 from ..registry import Registry
 
 Allocation = Dict[str, LayerTarget]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The global target: a sparsity and the pattern kind (``unstructured``, ``n:m`` or ``mixed-n:m``, with M)."""
+
+    sparsity: float
+    pattern: str
+    m: Optional[int] = None
 
 
 @dataclass
@@ -25,48 +40,60 @@ class AllocationContext:
     """Everything an allocator may look at."""
 
     model: nn.Module
-    config: MSPConfig
     layers: List[Dict[str, nn.Module]]  # per decoder block: full name -> linear module
-    calibration: Optional[torch.Tensor] = None  # [samples, seqlen] token ids, when the run has data
+    budget: Budget
+    options: Options  # the allocator's own options (its registered option class)
+    pruner: Optional[Pruner] = None  # the run's pruner (the MSP search prunes with it)
+    calibration: Optional[CalibrationData] = None
     runner: Any = None  # the BlockRunner of the model
-    tokenizer: Any = None
-    fitness_ids: Optional[torch.Tensor] = None  # held-out windows for search fitness (default: drawn)
-    extras: Dict[str, Any] = field(default_factory=dict)  # what allocators hand back (sensitivities, search)
+    seed: int = 0
+    batch_size: int = 1
 
     @property
     def numels(self) -> Dict[str, int]:
         return {name: module.weight.numel() for block in self.layers for name, module in block.items()}
 
+    @property
+    def modules(self) -> Dict[str, nn.Module]:
+        return {name: module for block in self.layers for name, module in block.items()}
+
+    def calibration_ids(self, what: str):
+        """The calibration windows; ``what`` (e.g. "Fisher sensitivity") names who needs them in the error."""
+        if self.calibration is None:
+            raise ValueError(f"{what} needs calibration data: give the pruner a tokenizer, or calibration=.")
+        return self.calibration.ids
+
 
 @dataclass
-class Allocator:
-    fn: Callable[[AllocationContext], Allocation]
-    needs_calibration: bool = False
+class AllocationResult:
+    """What an allocator hands back; :meth:`SparsityPlan.from_allocation` turns it into the plan.
+
+    ``search`` summarises how the plan was chosen (the MSP search: fitness of the seed, the uniform plan and
+    the best plan, per-generation history) and is stored with the plan; ``report`` holds what the run cost
+    (timings, memory, counters) and goes to the run report (``report.json``), never into ``config.json``.
+    """
+
+    targets: Allocation
+    layer_sensitivity: Dict[str, float] = field(default_factory=dict)
+    block_sensitivity: Dict[str, float] = field(default_factory=dict)
+    search: Dict[str, Any] = field(default_factory=dict)
+    report: Dict[str, Any] = field(default_factory=dict)
 
 
-ALLOCATORS: Registry[Allocator] = Registry("allocation")
+ALLOCATORS: Registry[Any] = Registry("allocation")
 
 
-def register_allocator(name: str, needs_calibration: bool = False):
-    def decorator(fn: Callable[[AllocationContext], Allocation]):
-        ALLOCATORS.register(name)(Allocator(fn, needs_calibration))
-        return fn
-
-    return decorator
-
-
-def uniform_target(config: MSPConfig) -> LayerTarget:
+def uniform_target(budget: Budget) -> LayerTarget:
     """The one target every layer gets under uniform allocation."""
-    nm = config.nm
-    if nm is not None:
-        return LayerTarget.nm(*nm)
-    if config.pattern_kind == "mixed-n:m":
-        n = (1.0 - config.sparsity) * config.m
+    if budget.pattern == "n:m":
+        return LayerTarget.nm(int(round((1.0 - budget.sparsity) * budget.m)), budget.m)
+    if budget.pattern == "mixed-n:m":
+        n = (1.0 - budget.sparsity) * budget.m
         if abs(n - round(n)) > 1e-9:
             raise ValueError(
-                f"Uniform allocation cannot reach {config.sparsity:.4g} sparsity with M={config.m} "
+                f"Uniform allocation cannot reach {budget.sparsity:.4g} sparsity with M={budget.m} "
                 f"(N would be {n:.3g}); use allocation='owl', 'fisher' or 'msp', or a sparsity that is a "
-                f"multiple of 1/{config.m}."
+                f"multiple of 1/{budget.m}."
             )
-        return LayerTarget.nm(int(round(n)), config.m)
-    return LayerTarget(sparsity=config.sparsity)
+        return LayerTarget.nm(int(round(n)), budget.m)
+    return LayerTarget(sparsity=budget.sparsity)

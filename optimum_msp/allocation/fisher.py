@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Dict, List
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from .base import Allocation, AllocationContext, register_allocator
+from ..options import option
+from .base import ALLOCATORS, AllocationContext, AllocationResult, Budget
 from .cache import cache_path, fingerprint, write_atomically
-from .levels import LevelSpace
+from .levels import Genome, LevelOptions, LevelSpace
 
 logger = logging.getLogger(__name__)
 
@@ -68,21 +71,19 @@ def fisher_traces(
     return traces
 
 
-def context_sensitivities(context: AllocationContext) -> Dict[str, float]:
-    """Fisher traces for the context's layers (computed once per allocation run)."""
-    if "layer_sensitivity" not in context.extras:
-        if context.calibration is None:
-            raise ValueError("Fisher sensitivity needs calibration data.")
-        layers = {name: module for block in context.layers for name, module in block.items()}
-        ids = context.calibration[: context.config.fisher_samples, : context.config.fisher_seqlen]
-        traces = fisher_traces(context.model, layers, ids)
-        context.extras["layer_sensitivity"] = traces
-        blocks = {}
-        for index, block in enumerate(context.layers):
-            if block:
-                blocks[str(index)] = sum(traces[name] for name in block)
-        context.extras["block_sensitivity"] = blocks
-    return context.extras["layer_sensitivity"]
+@dataclass
+class FisherOptions(LevelOptions):
+    fisher_samples: int = option(16, "the Fisher trace uses the first this many calibration windows", kind=int, low=1)
+    fisher_seqlen: int = option(512, "... and their first this many tokens", kind=int, low=1)
+
+
+def fisher_sensitivity(context: AllocationContext) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Fisher traces of the context's layers, and their sums per decoder block (keys: block index as text)."""
+    options = context.options
+    ids = context.calibration_ids("Fisher sensitivity")[: options.fisher_samples, : options.fisher_seqlen]
+    traces = fisher_traces(context.model, context.modules, ids)
+    blocks = {str(index): sum(traces[name] for name in block) for index, block in enumerate(context.layers) if block}
+    return traces, blocks
 
 
 def sensitivity_sparsities(space: LevelSpace, traces: Dict[str, float], target: float,
@@ -101,14 +102,16 @@ def sensitivity_sparsities(space: LevelSpace, traces: Dict[str, float], target: 
     return [target + deviation * (1.0 - 2.0 * (score - low) / span) for score in scores]
 
 
-def fisher_genome(context: AllocationContext, space: LevelSpace):
-    traces = context_sensitivities(context)
-    config = context.config
-    return space.quantize(sensitivity_sparsities(space, traces, config.sparsity, config.max_deviation))
+def fisher_genome(space: LevelSpace, traces: Dict[str, float], budget: Budget, options: LevelOptions) -> Genome:
+    return space.quantize(sensitivity_sparsities(space, traces, budget.sparsity, options.max_deviation))
 
 
-@register_allocator("fisher", needs_calibration=True)
-def fisher(context: AllocationContext) -> Allocation:
+@ALLOCATORS.register("fisher", options=FisherOptions, needs_calibration=True)
+def fisher(context: AllocationContext) -> AllocationResult:
     """Sensitivity-driven allocation: more sensitive units (higher Fisher trace per weight) keep more."""
-    space = LevelSpace.build(context.config, context.layers, context.numels)
-    return space.targets(fisher_genome(context, space))
+    started = time.perf_counter()
+    space = LevelSpace.build(context.budget, context.options, context.layers, context.numels)
+    traces, blocks = fisher_sensitivity(context)
+    genome = fisher_genome(space, traces, context.budget, context.options)
+    return AllocationResult(space.targets(genome), traces, blocks,
+                            report={"fisher_seconds": round(time.perf_counter() - started, 2)})

@@ -19,10 +19,29 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..configuration import MSPConfig
+from ..options import Options, option
 from ..plan import LayerTarget
+from .base import Budget
 
 Genome = Tuple[int, ...]
+
+
+@dataclass
+class LevelOptions(Options):
+    """The level space of the non-uniform allocations (OWL, Fisher, MSP)."""
+
+    granularity: str = option("block", "what one allocation level covers: a decoder block (all its targeted linears) "
+                              "or each linear layer", choices=("block", "layer"))
+    max_deviation: float = option(0.2, "non-uniform allocations keep every unit within target +- this sparsity",
+                                  kind=float, low=0.0, high=1.0, high_open=True)
+    level_step: float = option(0.025, "spacing of the unstructured sparsity levels (mixed N:M moves one N at a time)",
+                               kind=float, low=0.0, high=1.0, low_open=True, high_open=True)
+    max_layer_sparsity: float = option(0.95, "no unit is pruned beyond this sparsity", kind=float, low=0.0, high=1.0)
+
+    def check_together(self, sparsity: Optional[float] = None, **_):
+        if sparsity is not None and self.max_layer_sparsity < sparsity:
+            raise ValueError(f"max_layer_sparsity must lie in [sparsity, 1] = [{sparsity:g}, 1], "
+                             f"got {self.max_layer_sparsity}.")
 
 
 @dataclass
@@ -40,32 +59,33 @@ class LevelSpace:
 
     # ---------------------------------------------------------------------------------------- building
     @classmethod
-    def build(cls, config: MSPConfig, layers: Sequence[Dict[str, object]], numels: Dict[str, int]) -> "LevelSpace":
+    def build(cls, budget: Budget, options: LevelOptions, layers: Sequence[Dict[str, object]],
+              numels: Dict[str, int]) -> "LevelSpace":
         units: List[List[str]] = []
         unit_blocks: List[int] = []
         for block, block_layers in enumerate(layers):
             names = list(block_layers)
             if not names:
                 continue
-            if config.granularity == "block":
+            if options.granularity == "block":
                 units.append(names)
                 unit_blocks.append(block)
             else:
                 units.extend([name] for name in names)
                 unit_blocks.extend(block for _ in names)
         unit_numels = [sum(numels[n] for n in unit) for unit in units]
-        target, deviation = config.sparsity, config.max_deviation
-        if config.pattern_kind in ("mixed-n:m", "n:m"):
-            m = config.m
+        target, deviation = budget.sparsity, options.max_deviation
+        if budget.pattern in ("mixed-n:m", "n:m"):
+            m = budget.m
             base, step = 0.0, 1.0 / m
             low = max(0, math.ceil((target - deviation) * m - 1e-9))
             high = min(m - 1, math.floor((target + deviation) * m + 1e-9))  # keep N >= 1
             target_s = target * m
         else:
             m = None
-            base, step = target, config.level_step
+            base, step = target, options.level_step
             low = -math.floor(min(deviation, target) / step + 1e-9)
-            high = math.floor(min(deviation, config.max_layer_sparsity - target) / step + 1e-9)
+            high = math.floor(min(deviation, options.max_layer_sparsity - target) / step + 1e-9)
             target_s = 0.0
         groups: Dict[int, List[int]] = {}
         for index, numel in enumerate(unit_numels):

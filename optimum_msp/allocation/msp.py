@@ -1,106 +1,115 @@
-"""The ``msp`` allocator: Fisher-seeded evolutionary search of per-unit sparsity levels."""
+"""The ``msp`` allocator: Fisher-seeded evolutionary search of per-unit sparsity levels.
+
+It orchestrates nothing of its own: the calibration windows, the held-out fitness windows and the pruner
+come from the run (:class:`~optimum_msp.allocation.base.AllocationContext`); it builds the level space,
+seeds it from the Fisher allocation, gathers the input statistics its weight bank prunes with, and searches.
+Every weight it changes is restored before it returns.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from typing import Optional
 
-import torch
-
-from ..data import calibration_text_ids, locate_windows, sample_starts, take_windows
-from ..pruners import get_pruner
-from ..pruners.base import ScorePruner
-from .base import Allocation, AllocationContext, register_allocator
-from .fisher import fisher_genome
+from ..modeling.weights import WeightSnapshot
+from ..options import option
+from ..pruners.base import Pruner
+from .base import ALLOCATORS, AllocationContext, AllocationResult
+from .fisher import FisherOptions, fisher_genome, fisher_sensitivity
 from .levels import LevelSpace
-from .statistics import dense_layer_statistics, seeded_layer_statistics
 from .search import EvolutionarySearch, FitnessEvaluator, WeightBank
+from .statistics import dense_layer_statistics, seeded_layer_statistics
 
 logger = logging.getLogger(__name__)
 
 
-def fitness_windows(context: AllocationContext) -> torch.Tensor:
-    """Held-out windows for the search's fitness: from the calibration text, disjoint from the windows
-    the pruning statistics use, never from an evaluation split."""
-    if context.fitness_ids is not None:
-        return context.fitness_ids
-    config = context.config
-    if context.tokenizer is None:
-        raise ValueError("The MSP search needs held-out fitness windows: give the pruner a tokenizer, or fitness_ids=.")
-    ids = calibration_text_ids(context.tokenizer, config.calibration_dataset, config.calibration_split)
-    # the calibration windows actually used, whoever drew them (the msp allocator always runs with calibration)
-    taken = [] if context.calibration is None else locate_windows(ids, context.calibration)
-    starts = sample_starts(ids.shape[1], config.fitness_samples, config.fitness_seqlen, config.seed + 1,
-                           exclude=taken)
-    return take_windows(ids, starts, config.fitness_seqlen)
+@dataclass
+class SearchOptions(FisherOptions):
+    fitness: str = option("ppl", "MSP search objective on held-out calibration text: mean next-token NLL of the "
+                          "pruned model (ppl) or KL divergence to the dense model (kl)", choices=("ppl", "kl"))
+    fitness_samples: int = option(4, "held-out windows the search's fitness is measured on", kind=int, low=1)
+    fitness_seqlen: int = option(256, "tokens per fitness window", kind=int, low=1)
+    search_statistics: str = option(
+        "auto", "input statistics the search's pruned weights come from: of the dense model (dense), or as a "
+        "sequential prune with the Fisher seed plan gathers them (seed); auto: seed for pruners that update the "
+        "weights they keep (SparseGPT), dense otherwise", choices=("auto", "dense", "seed"))
+    population_size: int = option(12, "MSP search: plans per generation", kind=int, low=2)
+    generations: int = option(10, "MSP search: generations", kind=int, low=0)
+    search_cache_mb: int = option(
+        1024, "memory for the search's cache of block outputs per plan prefix (less memory: more block runs, "
+        "never another result)", kind=int, low=0)
+    search_checkpoint: Optional[str] = option(None, "file the MSP search saves each generation to and resumes from",
+                                              optional=True)
 
 
-def search_statistics(config, pruner) -> str:
-    """``"dense"`` or ``"seed"``: what ``config.search_statistics`` means for this pruner."""
-    if config.search_statistics != "auto":
-        return config.search_statistics
+def search_statistics(choice: str, pruner: Pruner) -> str:
+    """``"dense"`` or ``"seed"``: what ``search_statistics=choice`` means for this pruner."""
+    if choice != "auto":
+        return choice
     # a pruner that updates the kept weights (SparseGPT) depends most on where its inputs come from
-    return "dense" if isinstance(pruner, ScorePruner) else "seed"
+    return "seed" if pruner.updates_weights else "dense"
 
 
-@register_allocator("msp", needs_calibration=True)
-def msp(context: AllocationContext) -> Allocation:
-    config = context.config
-    space = LevelSpace.build(config, context.layers, context.numels)
+@ALLOCATORS.register("msp", options=SearchOptions, needs_calibration=True)
+def msp(context: AllocationContext) -> AllocationResult:
+    options, budget, pruner = context.options, context.budget, context.pruner
+    space = LevelSpace.build(budget, options, context.layers, context.numels)
     started = time.perf_counter()
-    seed_genome = fisher_genome(context, space)
+    traces, blocks = fisher_sensitivity(context)
+    seed_genome = fisher_genome(space, traces, budget, options)
     fisher_done = time.perf_counter()
 
-    pruner = get_pruner(config.method, block_size=config.block_size, dampening=config.dampening)
-    statistics = search_statistics(config, pruner)
-    modules = {name: module for block in context.layers for name, module in block.items()}
-    bank = WeightBank(pruner, modules, {})  # keeps the dense weights
-    try:
+    statistics = search_statistics(options.search_statistics, pruner)
+    fitness_ids = context.calibration.held_out(options.fitness_samples, options.fitness_seqlen, context.seed + 1)
+    with WeightSnapshot(context.modules) as dense:
+        stats = {}
         if pruner.needs_calibration and statistics == "seed":
             # inputs of every block as the final prune will see them, near the seed plan: from pruned blocks
-            bank.stats = seeded_layer_statistics(context, pruner, space.targets(seed_genome))
-            bank.restore()
+            stats = seeded_layer_statistics(context, space.targets(seed_genome), snapshot=dense)
         elif pruner.needs_calibration:
-            bank.stats = dense_layer_statistics(context, pruner.new_statistics)
+            stats = dense_layer_statistics(context, pruner.new_statistics)
         statistics_done = time.perf_counter()
-        evaluator = FitnessEvaluator(context.runner, space, bank, fitness_windows(context), config.fitness,
-                                     config.batch_size, cache_bytes=config.search_cache_mb << 20)
+        bank = WeightBank(pruner, context.modules, dense, stats)
+        evaluator = FitnessEvaluator(context.runner, space, bank, fitness_ids, options.fitness, context.batch_size,
+                                     cache_bytes=options.search_cache_mb << 20)
         search_started, search_cpu_started = time.perf_counter(), time.process_time()
         search = EvolutionarySearch(
-            space, evaluator, seed_genome, config.population_size, config.generations, config.seed,
-            checkpoint=config.search_checkpoint,
-            settings={"method": config.method, "sparsity": config.sparsity, "pattern": config.pattern,
-                      "fitness": config.fitness, "units": len(space), "statistics": statistics},
+            space, evaluator, seed_genome, options.population_size, options.generations, context.seed,
+            checkpoint=options.search_checkpoint,
+            settings={"method": pruner.name, "sparsity": budget.sparsity, "pattern": budget.pattern,
+                      "fitness": options.fitness, "units": len(space), "statistics": statistics},
         )
         best = search.run()
         search_seconds = time.perf_counter() - search_started
         search_cpu_seconds = time.process_time() - search_cpu_started
         memory = {name: round(size / 2**20, 1) for name, size in {**bank.nbytes(), **evaluator.nbytes()}.items()}
-    finally:
-        bank.restore()
     fitness = search.state.fitness
-    context.extras["search"] = {
-        "fitness": config.fitness,
+    summary = {
+        "fitness": options.fitness,
         "statistics": statistics,
-        "generations": config.generations,
-        "population_size": config.population_size,
-        "seed": config.seed,
-        "granularity": config.granularity,
+        "generations": options.generations,
+        "population_size": options.population_size,
+        "seed": context.seed,
+        "granularity": options.granularity,
         "best_fitness": fitness[best],
         "fisher_fitness": fitness.get(seed_genome),
         "uniform_fitness": fitness.get(space.uniform()),
         "history": search.state.history,
-        "evaluations": len(fitness),
-        "evaluations_this_run": search.new_evaluations,
+        "levels": [space.sparsity(s) for s in best],
+    }
+    report = {
         "fisher_seconds": round(fisher_done - started, 2),
         "statistics_seconds": round(statistics_done - fisher_done, 2),  # the bank's input statistics pass
         "search_seconds": round(search_seconds, 2),
         "search_cpu_seconds": round(search_cpu_seconds, 2),  # robust to other processes on the machine
+        "evaluations": len(fitness),
+        "evaluations_this_run": search.new_evaluations,
         "blocks_run": evaluator.blocks_run,
         "memory_mb": memory,  # what the search held (peak RSS also has the model, statistics, allocator slack)
-        "levels": [space.sparsity(s) for s in best],
     }
     logger.info("MSP search: best %s fitness %.5f (Fisher seed %.5f, uniform %s) after %d evaluations in %.0fs",
-                config.fitness, fitness[best], fitness[seed_genome], fitness.get(space.uniform()), len(fitness),
+                options.fitness, fitness[best], fitness[seed_genome], fitness.get(space.uniform()), len(fitness),
                 search_seconds)
-    return space.targets(best)
+    return AllocationResult(space.targets(best), traces, blocks, search=summary, report=report)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..apply import apply_targets, dense_statistics
-from ..pruners.base import Pruner
+from ..modeling.weights import WeightSnapshot, restored
 from .base import Allocation, AllocationContext
 from .cache import cache_path, fingerprint, write_atomically
 
@@ -34,8 +34,8 @@ def dense_layer_statistics(
 
     def compute() -> Dict[str, Any]:
         stats: Dict[str, Any] = {}
-        for _index, block_stats in dense_statistics(context.runner, context.layers, context.calibration,
-                                                    make_stats, context.config.batch_size, desc=desc):
+        for _index, block_stats in dense_statistics(context.runner, context.layers, context.calibration.ids,
+                                                    make_stats, context.batch_size, desc=desc):
             stats.update(block_stats)
         return stats
 
@@ -43,34 +43,37 @@ def dense_layer_statistics(
 
 
 def seeded_layer_statistics(
-    context: AllocationContext, pruner: Pruner, targets: Allocation, use_cache: bool = True,
+    context: AllocationContext, targets: Allocation, snapshot: Optional[WeightSnapshot] = None,
+    use_cache: bool = True,
 ) -> Dict[str, Any]:
-    """Input statistics gathered as a sequential prune with ``targets`` gathers them: each block's inputs
-    come from the blocks before it *pruned to those targets*, not from the dense model.
+    """Input statistics gathered as a sequential prune with ``targets`` (by ``context.pruner``) gathers them:
+    each block's inputs come from the blocks before it *pruned to those targets*, not from the dense model.
 
-    The model is left pruned to ``targets`` when they were computed (not on a cache hit): the caller
-    restores its dense weights.
+    The weights are restored afterwards (from ``snapshot`` when the caller holds one of the dense weights).
     """
+    pruner = context.pruner
 
     def compute() -> Dict[str, Any]:
         logger.info("Search statistics: a sequential %s prune with the seed plan (restored afterwards)", pruner.name)
         stats: Dict[str, Any] = {}
-        apply_targets(context.runner, context.layers, targets, pruner, context.calibration,
-                      context.config.batch_size, on_statistics=stats.update)
+        with restored(context.modules, snapshot):
+            apply_targets(context.runner, context.layers, targets, pruner, context.calibration.ids,
+                          context.batch_size, on_statistics=stats.update)
         return stats
 
     plan = sorted((name, target.describe()) for name, target in targets.items())
-    return _cached(context, pruner.new_statistics, ("seeded", pruner.name, plan), compute, use_cache)
+    # the pruner's options change the prune, hence the statistics downstream of it
+    settings = ("seeded", pruner.name, repr(pruner.options), plan)
+    return _cached(context, pruner.new_statistics, settings, compute, use_cache)
 
 
 def _cached(context: AllocationContext, make_stats: Callable[[int], Any], settings: tuple,
             compute: Callable[[], Dict[str, Any]], use_cache: bool) -> Dict[str, Any]:
-    if context.calibration is None:
-        raise ValueError("Input statistics need calibration data.")
-    layers = {name: module for block in context.layers for name, module in block.items()}
+    ids = context.calibration_ids("Input statistics")
+    layers = context.modules
     kind = type(make_stats(1)).__name__
-    path = cache_path("statistics", fingerprint(context.model, layers, context.calibration, kind,
-                                                context.config.batch_size, *settings), ".safetensors")
+    path = cache_path("statistics", fingerprint(context.model, layers, ids, kind, context.batch_size, *settings),
+                      ".safetensors")
     if use_cache and path.is_file():
         try:
             stats = _load(path, make_stats, layers)

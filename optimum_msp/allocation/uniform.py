@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from .base import Allocation, AllocationContext, register_allocator, uniform_target
+from .base import ALLOCATORS, AllocationContext, AllocationResult, uniform_target
 
 
-@register_allocator("uniform")
-def uniform(context: AllocationContext) -> Allocation:
+@ALLOCATORS.register("uniform")
+def uniform(context: AllocationContext) -> AllocationResult:
     """Every targeted layer gets the same sparsity (or the same N:M)."""
-    target = uniform_target(context.config)
-    return {name: target for name in context.numels}
+    target = uniform_target(context.budget)
+    return AllocationResult({name: target for name in context.numels})

@@ -11,52 +11,7 @@ from typing import List, Optional
 
 from transformers.utils import logging as hf_logging
 
-
-# MSPConfig fields the command line sets: (field, type, help). Omitted flags keep the --config file's value,
-# or MSPConfig's default.
-_CONFIG_FLAGS = [
-    ("method", str, "magnitude | wanda | sparsegpt (default wanda)"),
-    ("sparsity", float, "target global sparsity in [0, 1)"),
-    ("pattern", str, "unstructured | N:M (e.g. 2:4) | mixed-n:m"),
-    ("m", int, "group size M for mixed-n:m"),
-    ("allocation", str, "uniform | owl | fisher | msp (default uniform)"),
-    ("calibration_dataset", str, "wikitext2 | c4 | a local .txt/.raw/.jsonl path"),
-    ("calibration_split", str, None),
-    ("num_calibration_samples", int, None),
-    ("seqlen", int, None),
-    ("seed", int, None),
-    ("targets", str, "layers to prune: names, suffixes, class names or re:<regex> (default: every Linear)"),
-    ("ignore", str, "layers to leave dense, same forms as --targets"),
-    ("granularity", str, "block | layer: what one allocation level covers"),
-    ("max_deviation", float, "non-uniform allocations keep every unit within target +- this"),
-    ("fitness", str, "ppl | kl: the MSP search objective"),
-    ("search_statistics", str, "auto | dense | seed"),
-    ("population_size", int, None),
-    ("generations", int, None),
-    ("search_checkpoint", str, "file the MSP search saves each generation to and resumes from"),
-    ("search_cache_mb", int, "memory for the search's cache of block outputs"),
-]
-_LIST_FLAGS = ("targets", "ignore")
-
-
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None,
-                        help="an msp_config.json (or a folder holding one) to start from; flags override it")
-    for name, kind, help_text in _CONFIG_FLAGS:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text,
-                            nargs="+" if name in _LIST_FLAGS else None)
-
-
-def _config_from_args(args: argparse.Namespace):
-    from ..configuration import MSPConfig, parse_pattern
-
-    values = MSPConfig.from_pretrained(args.config).to_dict() if args.config else {}
-    if args.pattern is not None and parse_pattern(args.pattern)[0] == "n:m":
-        # an N:M pattern implies its sparsity and M: the file's (for its own pattern) must not contradict it
-        for implied in ("sparsity", "m"):
-            values.pop(implied, None)
-    values.update({name: getattr(args, name) for name, _, _ in _CONFIG_FLAGS if getattr(args, name) is not None})
-    return MSPConfig.from_dict(values)
+from .arguments import add_config_arguments, config_from_args
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -68,7 +23,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = _config_from_args(args)
+    config = config_from_args(args)
     pruner = MSPPruner.from_pretrained(args.model)
     started = time.perf_counter()
     pruner.prune(config)
@@ -125,7 +80,7 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--eval-windows", type=int, default=16,
                        help="WikiText-2 test windows to evaluate after pruning (-1: all, 0: skip)")
     prune.add_argument("--threads", type=int, default=None)
-    _add_config_arguments(prune)
+    add_config_arguments(prune)
     prune.set_defaults(func=_prune)
     ppl = sub.add_parser("perplexity", help="perplexity of a (pruned) model")
     ppl.add_argument("model", nargs="?", default="smollm2-135m")

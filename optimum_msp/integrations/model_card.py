@@ -53,8 +53,7 @@ def _search_section(plan: SparsityPlan) -> str:
     search = plan.search
     if not search:
         return ""
-    keys = ["fitness", "population_size", "generations", "evaluations", "best_fitness", "fisher_fitness",
-            "uniform_fitness", "search_seconds"]
+    keys = ["fitness", "population_size", "generations", "best_fitness", "fisher_fitness", "uniform_fitness"]
     lines = ["## Sparsity search", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {search[key]} |" for key in keys if key in search]
     if search.get("history"):

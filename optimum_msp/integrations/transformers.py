@@ -11,7 +11,7 @@ runs ``MSPPruner(model, tokenizer).prune(config)``. The calibration tokenizer is
 **Verify on load.** A pruned model carries, besides its plan in ``config.sparsity_plan``, a small marker
 ``config.quantization_config = {"quant_method": "msp", "checkpoint_format": "dense", "format_version": 1}``.
 With ``optimum_msp`` imported, transformers routes loading such a checkpoint through the same quantizer, which
-decompresses compact weights (``checkpoint_format: "compact"``, see :mod:`optimum_msp.integrations.compact`)
+decompresses compact weights (``checkpoint_format: "compact"``, see :mod:`optimum_msp.checkpoint.codec`)
 and then checks every planned layer with :meth:`SparsityPlan.verify`: a malformed or forged plan, or weights
 that break it, raise :class:`~optimum_msp.plan.PlanError` naming the layer. Without ``optimum_msp``, stock
 transformers does not know ``"msp"``: it logs "Unknown quantization type, got msp ... we will skip the
@@ -41,9 +41,14 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..configuration import QUANT_METHOD, MSPConfig
-from ..plan import CONFIG_KEY, PlanError, SparsityPlan
-from . import compact
+from ..checkpoint import codec
+from ..checkpoint.marker import (  # noqa: F401  (checkpoint_marker: public here too)
+    CHECKPOINT_FORMATS, MARKER_VERSION, QUANT_METHOD, checkpoint_marker, mark_pruned, verify_pruned,
+)
+from ..configuration import MSPConfig
+from ..plan import PlanError
+from ..pruner import MSPPruner
+from ..utils.memory import release_file_pages, trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +62,6 @@ __all__ = [
     "verify_pruned",
 ]
 
-CHECKPOINT_FORMATS = ("dense", "compact")
-MARKER_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------- configs
@@ -104,33 +107,6 @@ class MSPCheckpointConfig(QuantizationConfigMixin):
 
     def to_diff_dict(self) -> Dict[str, Any]:
         return self.to_dict()
-
-
-def checkpoint_marker(checkpoint_format: str = "dense") -> Dict[str, Any]:
-    """The ``quantization_config`` dict written into a pruned checkpoint's ``config.json``."""
-    return MSPCheckpointConfig(checkpoint_format=checkpoint_format).to_dict()
-
-
-def mark_pruned(model_or_config: Any, checkpoint_format: str = "dense") -> None:
-    """Mark a pruned model (or its config) so that reloading its checkpoint verifies it against its plan."""
-    config = getattr(model_or_config, "config", model_or_config)
-    if getattr(config, CONFIG_KEY, None) is None:
-        raise ValueError("mark_pruned: the config has no sparsity_plan; prune the model first.")
-    config.quantization_config = checkpoint_marker(checkpoint_format)
-
-
-def verify_pruned(model: torch.nn.Module):
-    """Verify ``model``'s weights against ``model.config.sparsity_plan`` (:class:`PlanError` naming the layer).
-
-    Returns the :class:`~optimum_msp.masks.SparsityReport`.
-    """
-    data = getattr(model.config, CONFIG_KEY, None)
-    if data is None:
-        raise PlanError(
-            f"{type(model).__name__}'s config is marked as pruned (quantization_config.quant_method='msp') but has "
-            f"no {CONFIG_KEY!r}: the checkpoint's config.json is incomplete."
-        )
-    return SparsityPlan.from_dict(data).verify(model)
 
 
 # --------------------------------------------------------------------------------------- calibration data
@@ -187,7 +163,7 @@ class MSPHfQuantizer(HfQuantizer):
 
     @property
     def serialized_names(self) -> Dict[str, list]:  # read by the base class (converters, parallel plans)
-        return {"weight": list(compact.SERIALIZED_NAMES)} if self.is_compact else {}
+        return {"weight": list(codec.SERIALIZED_NAMES)} if self.is_compact else {}
 
     def get_load_operations(self) -> dict:
         return {"deserialize": _MSPDecompress} if self.is_compact else {}
@@ -228,15 +204,13 @@ class MSPHfQuantizer(HfQuantizer):
                     len(report.layers), report.global_sparsity)
 
     def _prune(self, model) -> None:
-        from ..pruner import MSPPruner
-
         config = self.quantization_config
         if not isinstance(config, MSPConfig):
             raise TypeError(f"Prune-on-load needs an MSPConfig, got {type(config).__name__}.")
         context = _CALIBRATION.get() or {}
         calibration = context.get("input_ids")
         tokenizer = context.get("tokenizer")
-        if tokenizer is None and _needs_calibration(config):
+        if tokenizer is None and config.needs_calibration:
             # with pre-tokenized windows the tokenizer is optional (some allocations still use it if present)
             tokenizer = _load_tokenizer(model, config, required=calibration is None)
         MSPPruner(model, tokenizer).prune(config, calibration=calibration)
@@ -244,13 +218,6 @@ class MSPHfQuantizer(HfQuantizer):
 
     def record_decode_error(self, layer: str, error: Exception) -> None:
         self._decode_errors.setdefault(layer, str(error))
-
-
-def _needs_calibration(config: MSPConfig) -> bool:
-    from ..allocation import ALLOCATORS
-    from ..pruners import get_pruner
-
-    return get_pruner(config.method).needs_calibration or ALLOCATORS.get(config.allocation).needs_calibration
 
 
 def _load_tokenizer(model, config: MSPConfig, required: bool = True):
@@ -310,7 +277,7 @@ class _MSPDecompress(ConversionOps):
         return type(self)(self.quantizer)
 
     def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, **kwargs):
-        meta_key = "weight" + compact.META_SUFFIX
+        meta_key = "weight" + codec.META_SUFFIX
         if meta_key not in input_dict:
             return input_dict
         tensors = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
@@ -322,18 +289,18 @@ class _MSPDecompress(ConversionOps):
             except AttributeError:
                 expected = None
         try:
-            dense = compact.decode_layer(tensors, None if expected is None else expected.shape)
+            dense = codec.decode_layer(tensors, None if expected is None else expected.shape)
             if expected is not None and dense.dtype != expected.dtype:  # deflated values keep their saved dtype
                 dense = dense.to(expected.dtype)
-        except compact.CompactFormatError as error:
+        except codec.CompactFormatError as error:
             layer = (full_layer_name or "?").removesuffix(".weight")
             self.quantizer.record_decode_error(layer, error)
             if expected is None:
                 raise
             dense = torch.zeros(expected.shape, dtype=expected.dtype)  # replaced by an error after loading
         for tensor in tensors.values():  # decoded: their file pages need not stay resident (peak load memory)
-            compact.release_file_pages(tensor)
-        compact.trim_heap()
+            release_file_pages(tensor)
+        trim_heap()
         return {full_layer_name: dense}
 
 

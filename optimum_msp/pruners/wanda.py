@@ -1,28 +1,9 @@
 from __future__ import annotations
 
-import torch
-
+from ..statistics import InputNorms
 from .base import PRUNERS, ScorePruner
 
-
-class InputNorms:
-    """Running sum over calibration tokens of x_j^2 for every input feature j."""
-
-    STATE = ("sum_squares",)  # the tensors that, with ``tokens``, are the whole accumulated state (cache)
-
-    def __init__(self, in_features: int):
-        self.sum_squares = torch.zeros(in_features, dtype=torch.float64)
-        self.tokens = 0
-
-    def add_batch(self, x: torch.Tensor) -> None:
-        x = x.float()
-        self.sum_squares += (x * x).sum(dim=0).to(self.sum_squares)
-        self.tokens += x.shape[0]
-
-    @property
-    def norms(self) -> torch.Tensor:
-        """||X_j||_2 over all calibration tokens."""
-        return self.sum_squares.sqrt().float()
+__all__ = ["InputNorms", "WandaPruner"]
 
 
 @PRUNERS.register("wanda")

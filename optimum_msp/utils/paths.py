@@ -3,9 +3,8 @@
 Two environment variables steer it:
 
 * ``OPTIMUM_MSP_DATA_DIR``: a folder holding local copies of the evaluation sets
-  (layout of ``shared/data``: ``wikitext-2-raw/wiki.test.raw``, ``arc_easy/test.jsonl``, ...).
-  When unset, ``../shared/data`` is used if it exists (seen from the working directory or
-  from a source checkout of this package); otherwise datasets come from the Hub.
+  (``wikitext-2-raw/wiki.test.raw``, ``arc_easy/test.jsonl``, ...). When unset, datasets come from the
+  Hub (or pass a local file path as the dataset). The library never guesses a folder from where it runs.
 * ``OPTIMUM_MSP_CACHE``: where bundled models are converted to plain HF folders
   (default ``~/.cache/optimum_msp``).
 """
@@ -27,14 +26,10 @@ def local_data_dir() -> Optional[Path]:
         path = Path(configured).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(
-                f"{DATA_DIR_ENV}={configured!r} is not a folder. Point it at a folder laid out like "
-                "shared/data (e.g. wikitext-2-raw/wiki.test.raw), or unset it to use the Hub."
+                f"{DATA_DIR_ENV}={configured!r} is not a folder. Point it at a folder of local datasets "
+                "(e.g. holding wikitext-2-raw/wiki.test.raw), or unset it to use the Hub."
             )
         return path
-    checkout_root = Path(__file__).resolve().parents[2]
-    for candidate in (Path.cwd().parent / "shared" / "data", checkout_root.parent / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate
     return None
 
 

@@ -4,18 +4,18 @@ import pytest
 import torch
 
 from optimum_msp import MSPConfig
-from optimum_msp.allocation.levels import LevelSpace
 from optimum_msp.allocation.search import EvolutionarySearch, FitnessEvaluator, WeightBank
 from optimum_msp.modeling.blocks import prunable_layers, weight_matrix
 from optimum_msp.modeling.sequential import BlockRunner
 from optimum_msp.pruners import get_pruner
-from tiny_models import calibration_ids, tiny_model
+from optimum_msp.modeling.weights import WeightSnapshot
+from tiny_models import calibration_ids, level_space, tiny_model
 
 
 def _space(config, units=12, numels=(100, 100, 200)):
     layers = [{f"b{i}.l{j}": None for j in range(len(numels))} for i in range(units)]
     sizes = {f"b{i}.l{j}": numels[j] for i in range(units) for j in range(len(numels))}
-    return LevelSpace.build(config, layers, sizes)
+    return level_space(config, layers, sizes)
 
 
 @pytest.mark.parametrize("config", [
@@ -33,7 +33,7 @@ def test_crossover_and_mutation_preserve_the_budget(config):
         a, b = rng.choice(genomes), rng.choice(genomes)
         child = search.mutate(search.crossover(a, b, rng), rng, moves=rng.randint(1, 3))
         assert space.is_feasible(child)
-        assert space.global_sparsity(child) == pytest.approx(config.sparsity, abs=1e-12)
+        assert space.global_sparsity(child) == pytest.approx(config.resolved().sparsity, abs=1e-12)
         genomes.append(child)
     assert len(set(genomes)) > 50, "moves must actually explore"
 
@@ -93,7 +93,7 @@ def evaluator_setup():
     config = MSPConfig(method="wanda", sparsity=0.6)
     layers = prunable_layers(model)
     numels = {n: m.weight.numel() for b in layers for n, m in b.items()}
-    space = LevelSpace.build(config, layers, numels)
+    space = level_space(config, layers, numels)
     runner = BlockRunner(model)
     pruner = get_pruner("wanda")
     from optimum_msp.apply import dense_statistics
@@ -102,7 +102,7 @@ def evaluator_setup():
     for _, block_stats in dense_statistics(runner, layers, calibration_ids(4, 32), pruner.new_statistics):
         stats.update(block_stats)
     modules = {n: m for b in layers for n, m in b.items()}
-    bank = WeightBank(pruner, modules, stats)
+    bank = WeightBank(pruner, modules, WeightSnapshot(modules), stats)
     return model, space, runner, bank
 
 
@@ -161,7 +161,7 @@ def test_bank_of_a_masking_pruner_stores_masks_and_gives_the_pruners_weights(eva
 def test_memory_accounting_counts_what_the_search_holds(evaluator_setup):
     model, space, runner, shared_bank = evaluator_setup
     shared_bank.restore()
-    bank = WeightBank(shared_bank.pruner, shared_bank.modules, shared_bank.stats)  # empty
+    bank = WeightBank(shared_bank.pruner, shared_bank.modules, shared_bank.snapshot, shared_bank.stats)  # empty
     ids = calibration_ids(2, 32, seed=11)
     evaluator = FitnessEvaluator(runner, space, bank, ids, kind="ppl")
     entry = sum(h.numel() * h.element_size() for h in evaluator.inputs.hidden)

@@ -6,6 +6,8 @@ import torch
 from optimum_msp import MSPConfig, MSPPruner
 from optimum_msp.allocation import statistics
 from optimum_msp.allocation.base import AllocationContext
+from optimum_msp.data import CalibrationData
+from optimum_msp.pruners import get_pruner
 from optimum_msp.modeling.blocks import select_linears
 from optimum_msp.modeling.sequential import BlockRunner
 from optimum_msp.pruners.sparsegpt import InputHessian
@@ -17,7 +19,9 @@ def _context(arch="llama", seed=0):
     model = tiny_model(arch)
     runner = BlockRunner(model)
     layers = [select_linears(block, f"{runner.block_prefix}.{i}") for i, block in enumerate(runner.blocks)]
-    return AllocationContext(model, MSPConfig(method="sparsegpt"), layers, calibration_ids(3, 16, seed=seed), runner)
+    config = MSPConfig(method="sparsegpt").resolved()
+    return AllocationContext(model, layers, config.budget(), config.allocation_options(), get_pruner("sparsegpt"),
+                             CalibrationData(calibration_ids(3, 16, seed=seed)), runner)
 
 
 def _state(stats):
@@ -89,27 +93,26 @@ def test_warm_cache_gives_the_same_plan(allocation):
 def test_seeded_statistics_are_those_of_a_sequential_prune_with_the_seed_targets():
     from optimum_msp.allocation.base import uniform_target
     from optimum_msp.apply import apply_targets
-    from optimum_msp.pruners import get_pruner
 
     context = _context()
-    pruner = get_pruner("sparsegpt")
-    targets = {name: uniform_target(MSPConfig(sparsity=0.6)) for block in context.layers for name in block}
+    pruner = context.pruner
+    targets = {name: uniform_target(MSPConfig(sparsity=0.6).budget()) for block in context.layers for name in block}
     dense = statistics.dense_layer_statistics(context, pruner.new_statistics, use_cache=False)
     weights = {k: v.clone() for k, v in context.model.state_dict().items()}
-    seeded = statistics.seeded_layer_statistics(context, pruner, targets)
+    seeded = statistics.seeded_layer_statistics(context, targets)
     reference = _context()  # the same tiny model, pruned the standard way, statistics recorded on the way
     recorded = {}
-    apply_targets(reference.runner, reference.layers, targets, pruner, reference.calibration,
+    apply_targets(reference.runner, reference.layers, targets, pruner, reference.calibration.ids,
                   on_statistics=recorded.update)
     assert seeded.keys() == dense.keys() == recorded.keys()
     for name in seeded:
         torch.testing.assert_close(seeded[name].xtx, recorded[name].xtx)
         first_block = name.startswith("model.layers.0.")  # its inputs do not depend on any pruning
         assert torch.allclose(seeded[name].xtx, dense[name].xtx) == first_block, name
-    # computing them pruned the model (the caller restores it); a cache hit leaves it untouched
-    assert any(not torch.equal(weights[k], v) for k, v in context.model.state_dict().items())
+    # computing them pruned the model on the way, and restored it; a cache hit leaves it untouched
+    assert all(torch.equal(weights[k], v) for k, v in context.model.state_dict().items())
     fresh = _context()
-    again = statistics.seeded_layer_statistics(fresh, pruner, targets)
+    again = statistics.seeded_layer_statistics(fresh, targets)
     assert all(torch.equal(weights[k], v) for k, v in fresh.model.state_dict().items())
     assert all(torch.equal(again[name].xtx, seeded[name].xtx) for name in seeded)
 
@@ -126,7 +129,7 @@ def test_search_on_seeded_statistics_hits_the_target_and_records_it(method):
 
 
 def test_unknown_search_statistics_is_refused():
-    with pytest.raises(ValueError, match="search_statistics must be 'auto', 'dense' or 'seed'"):
+    with pytest.raises(ValueError, match=r"search_statistics must be one of \['auto', 'dense', 'seed'\]"):
         MSPConfig(search_statistics="sequential")
 
 
@@ -135,7 +138,7 @@ def test_auto_search_statistics_are_seeded_for_weight_updating_pruners_only():
     from optimum_msp.pruners import get_pruner
 
     assert MSPConfig().search_statistics == "auto"
-    assert search_statistics(MSPConfig(method="sparsegpt"), get_pruner("sparsegpt")) == "seed"
-    assert search_statistics(MSPConfig(method="wanda"), get_pruner("wanda")) == "dense"
-    assert search_statistics(MSPConfig(method="magnitude"), get_pruner("magnitude")) == "dense"
-    assert search_statistics(MSPConfig(search_statistics="dense"), get_pruner("sparsegpt")) == "dense"
+    assert search_statistics("auto", get_pruner("sparsegpt")) == "seed"
+    assert search_statistics("auto", get_pruner("wanda")) == "dense"
+    assert search_statistics("auto", get_pruner("magnitude")) == "dense"
+    assert search_statistics("dense", get_pruner("sparsegpt")) == "dense"

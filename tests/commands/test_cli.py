@@ -61,7 +61,8 @@ def test_optimum_cli_registers_msp():
 
 def test_config_file_and_flags_build_the_config(tmp_path):
     from optimum_msp import MSPConfig
-    from optimum_msp.commands.cli import _config_from_args, build_parser
+    from optimum_msp.commands.arguments import config_from_args as _config_from_args
+    from optimum_msp.commands.cli import build_parser
 
     MSPConfig(method="sparsegpt", sparsity=0.7, allocation="msp", generations=3, ignore=["re:.*down_proj"],
               fitness="kl").save_pretrained(tmp_path)
@@ -78,7 +79,7 @@ def test_config_file_and_flags_build_the_config(tmp_path):
     assert overridden.targets == ["q_proj", "re:.*up_proj"] and overridden.search_checkpoint.endswith("search.json")
     assert overridden.method == "sparsegpt" and overridden.generations == 3  # the file's, where no flag says
     # an N:M flag brings its own sparsity instead of contradicting the file's 70 %
-    nm = config("--pattern", "2:8")
+    nm = config("--pattern", "2:8").resolved()
     assert (nm.pattern, nm.m, nm.sparsity) == ("mixed-n:m", 8, 0.75)
     # without a file, flags alone over MSPConfig's defaults
     plain = _config_from_args(build_parser().parse_args(["prune", "--fitness", "kl"]))

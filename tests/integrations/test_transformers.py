@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import optimum_msp
 from optimum_msp import MSPConfig, MSPPruner, PlanError, SparsityPlan
-from optimum_msp.integrations.compact import save_compact
+from optimum_msp.checkpoint import save_compact
 from optimum_msp.integrations.transformers import (
     MSPCheckpointConfig,
     MSPHfQuantizer,

@@ -8,31 +8,35 @@ import torch
 from torch import nn
 
 from ...modeling.blocks import weight_matrix
+from ...modeling.weights import WeightSnapshot
 from ...plan import LayerTarget
-from ...pruners.base import Pruner, ScorePruner
+from ...pruners.base import Pruner
 
 
 class WeightBank:
-    """Pruned weights per (layer, level), from the dense weights and dense-model input statistics.
+    """Pruned weights per (layer, level), from the dense weights (a :class:`WeightSnapshot` taken before any
+    change) and the input statistics the pruner needs.
 
     Entries are computed on first use (a search visits only levels near its seed) and kept; an evaluation
-    then only swaps tensors in. The dense weights are kept to restore the model after the search. For
-    pruners that only zero weights (magnitude, Wanda) an entry is the boolean mask, a quarter of an fp32
-    weight; SparseGPT updates the kept weights, so its entries are the pruned weights themselves.
+    then only swaps tensors in. For pruners that only zero weights (magnitude, Wanda) an entry is the boolean
+    mask, a quarter of an fp32 weight; a pruner that updates the kept weights (``updates_weights``: SparseGPT)
+    has the pruned weights themselves as entries.
     """
 
-    def __init__(self, pruner: Pruner, modules: Dict[str, nn.Module], stats: Dict[str, object]):
+    def __init__(self, pruner: Pruner, modules: Dict[str, nn.Module], dense: WeightSnapshot,
+                 stats: Dict[str, object]):
         self.pruner = pruner
         self.modules = modules
+        self.snapshot = dense
+        self.dense = dense.weights
         self.stats = stats
-        self.dense = {name: weight_matrix(module).detach().clone() for name, module in modules.items()}
         self._pruned: Dict[Tuple[str, LayerTarget], torch.Tensor] = {}
         self.loaded: Dict[str, LayerTarget] = {}
 
     def weight(self, name: str, target: LayerTarget) -> torch.Tensor:
         key = (name, target)
         dense = self.dense[name]
-        masks_only = isinstance(self.pruner, ScorePruner)
+        masks_only = not self.pruner.updates_weights
         if key not in self._pruned:
             if masks_only:
                 self._pruned[key] = self.pruner.mask(dense.float(), self.stats.get(name), target).bool()
@@ -46,7 +50,7 @@ class WeightBank:
         """Memory held: the bank's entries, and the dense copy kept to restore the model."""
         return {
             "bank": sum(entry.numel() * entry.element_size() for entry in self._pruned.values()),
-            "dense_copy": sum(weight.numel() * weight.element_size() for weight in self.dense.values()),
+            "dense_copy": self.snapshot.nbytes(),
         }
 
     @torch.no_grad()
@@ -59,6 +63,5 @@ class WeightBank:
 
     @torch.no_grad()
     def restore(self) -> None:
-        for name, module in self.modules.items():
-            weight_matrix(module).copy_(self.dense[name])
+        self.snapshot.restore()
         self.loaded.clear()

@@ -13,16 +13,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from optimum_msp import MSPConfig, MSPPruner, PlanError, SparsityPlan
-from optimum_msp.integrations import compact
-from optimum_msp.integrations.compact import (
-    CompactFormatError,
-    decode_layer,
-    encode_layer,
-    pack_codes,
-    save_compact,
-    unpack_codes,
-)
-from optimum_msp.integrations.transformers import checkpoint_marker
+from optimum_msp.checkpoint import checkpoint_marker, codec, save_compact
+from optimum_msp.checkpoint import encode_module as encode_layer
+from optimum_msp.checkpoint.codec import CompactFormatError, decode_layer, pack_codes, unpack_codes
+from optimum_msp.utils.memory import release_file_pages
 from optimum_msp.modeling.blocks import prunable_layers
 from tiny_models import calibration_ids, tiny_model
 
@@ -147,7 +141,7 @@ def test_compact_round_trip_is_exact(arch, dtype, config, codec, tmp_path):
             assert len(meta) == (8 if codec else 6), name
             assert (f"{name}.weight_msp_zsizes" in keys) == bool(codec)
             assert (handle.get_tensor(f"{name}.weight").dtype == torch.uint8) == bool(codec)
-    assert encodings == ({compact.NM} if "pattern" in config else {compact.BITMASK})
+    assert encodings == ({codec.NM} if "pattern" in config else {codec.BITMASK})
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compact", attn_implementation="eager")
     assert reloaded.dtype == dtype
@@ -262,8 +256,8 @@ def test_save_compact_needs_a_plan(tmp_path):
 
 
 def test_serialized_names_are_consistent():
-    assert compact.SERIALIZED_NAMES[0] == "weight"
-    assert all(name.startswith("weight_msp_") for name in compact.SERIALIZED_NAMES[1:])
+    assert codec.SERIALIZED_NAMES[0] == "weight"
+    assert all(name.startswith("weight_msp_") for name in codec.SERIALIZED_NAMES[1:])
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="madvise path is Linux-only")
@@ -274,15 +268,15 @@ def test_release_file_pages_only_touches_mapped_checkpoint_files(tmp_path):
     storage = torch.UntypedStorage.from_file(str(path), False, path.stat().st_size)  # how safetensors maps it
     mapped = torch.empty(0, dtype=torch.int32).set_(storage.untyped()).view(torch.int32)
     assert torch.equal(mapped, data)
-    assert compact.release_file_pages(mapped) > 0
+    assert release_file_pages(mapped) > 0
     assert torch.equal(mapped, data)  # released pages fault back in from the file
     anonymous = data.clone()
-    assert compact.release_file_pages(anonymous) == 0 and torch.equal(anonymous, data)
+    assert release_file_pages(anonymous) == 0 and torch.equal(anonymous, data)
     other = tmp_path / "x.bin"
     other.write_bytes(data.numpy().tobytes())
     storage = torch.UntypedStorage.from_file(str(other), False, other.stat().st_size)
     foreign = torch.empty(0, dtype=torch.uint8).set_(storage)
-    assert compact.release_file_pages(foreign) == 0
+    assert release_file_pages(foreign) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8])
@@ -290,27 +284,27 @@ def test_deflate_round_trip_across_blocks(dtype, monkeypatch):
     monkeypatch.setattr(compact, "DEFLATE_BLOCK", 7)  # several blocks and a partial last one
     torch.manual_seed(0)
     values = (torch.randn(50) * 100).to(dtype)
-    data, sizes = compact.deflate(values)
+    data, sizes = codec.deflate(values)
     assert data.dtype == torch.uint8 and len(sizes) == 8 * values.element_size()
-    assert _same_bits(compact.inflate(data, sizes, dtype, values.numel()), values)
-    empty, no_sizes = compact.deflate(values[:0])
-    assert compact.inflate(empty, no_sizes, dtype, 0).numel() == 0
+    assert _same_bits(codec.inflate(data, sizes, dtype, values.numel()), values)
+    empty, no_sizes = codec.deflate(values[:0])
+    assert codec.inflate(empty, no_sizes, dtype, 0).numel() == 0
 
 
 def test_deflate_corruption_is_a_format_error():
     values = torch.randn(1000).to(torch.bfloat16)
-    data, sizes = compact.deflate(values)
+    data, sizes = codec.deflate(values)
     broken = data.clone()
     broken[3] ^= 0xFF
     with pytest.raises(CompactFormatError):
-        compact.inflate(broken, sizes, torch.bfloat16, 1000)
+        codec.inflate(broken, sizes, torch.bfloat16, 1000)
     with pytest.raises(CompactFormatError, match="streams"):
-        compact.inflate(data, sizes[:-1], torch.bfloat16, 1000)
+        codec.inflate(data, sizes[:-1], torch.bfloat16, 1000)
     with pytest.raises(CompactFormatError, match="bytes"):
-        compact.inflate(data, sizes, torch.bfloat16, 999)
+        codec.inflate(data, sizes, torch.bfloat16, 999)
     bomb = zlib.compress(bytes(10**7))  # 10 MB of zeros in ~10 kB: must not be expanded past its 10-byte slot
     with pytest.raises(CompactFormatError, match="exactly 10 bytes"):
-        compact.inflate(torch.frombuffer(bytearray(bomb), dtype=torch.uint8), [len(bomb)], torch.uint8, 10)
+        codec.inflate(torch.frombuffer(bytearray(bomb), dtype=torch.uint8), [len(bomb)], torch.uint8, 10)
 
 
 def test_deflated_bf16_checkpoint_loads_as_float32_and_is_smaller(tmp_path):

@@ -1,7 +1,9 @@
-"""Compact checkpoints: pruned weights stored as their kept values plus a packed bitmask or N:M indices.
+"""The compact codec: a pruned weight as its kept values plus a packed bitmask or N:M indices, optionally
+deflated. Pure tensor code (no model, no files); :mod:`optimum_msp.checkpoint` writes and reads checkpoints with it.
 
-A compact checkpoint is an ordinary ``save_pretrained`` folder (``config.json`` with the ``sparsity_plan``,
-``model.safetensors`` or shards, generation config) in which every pruned layer's ``weight`` is replaced by:
+A compact checkpoint (written by :func:`optimum_msp.checkpoint.save_compact`) is an ordinary ``save_pretrained``
+folder (``config.json`` with the ``sparsity_plan``, ``model.safetensors`` or shards, generation config) in which
+every pruned layer's ``weight`` is replaced by:
 
 ``<layer>.weight``
     the kept values, 1-D, in the weight's dtype;
@@ -36,21 +38,14 @@ under ``==`` / ``torch.equal``, identical logits), every other bit is preserved.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import mmap
-import os
-import sys
 import zlib
-from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Dict, Optional
 
 import torch
-from torch import nn
 
-from ..modeling.blocks import LINEAR_TYPES, weight_matrix
-from ..plan import LayerTarget, SparsityPlan
+from ..plan import LayerTarget
 
 logger = logging.getLogger(__name__)
 
@@ -298,15 +293,16 @@ def _inflate_group(tensors: Dict[str, torch.Tensor], aux_key: str, codec: int, d
 
 
 # ------------------------------------------------------------------------------------------------ one layer
-def encode_layer(module: nn.Module, target: Optional[LayerTarget] = None, name: str = "",
-                 codec: Optional[str] = None) -> Optional[Dict[str, torch.Tensor]]:
-    """The compact tensors replacing ``<module>.weight`` (suffix -> tensor), or ``None`` when dense is smaller.
+def encode_layer(weight: torch.Tensor, target: Optional[LayerTarget] = None, name: str = "",
+                 codec: Optional[str] = None, transposed: bool = False) -> Optional[Dict[str, torch.Tensor]]:
+    """The compact tensors replacing a stored ``weight`` (suffix -> tensor), or ``None`` when dense is smaller.
 
-    Keys: ``"weight"`` (kept values) plus ``"weight_msp_mask"`` or ``"weight_msp_index"``, and
+    ``transposed``: the tensor is stored ``[in, out]`` (GPT-2's ``Conv1D``), so N:M groups run along its rows'
+    transpose. Keys: ``"weight"`` (kept values) plus ``"weight_msp_mask"`` or ``"weight_msp_index"``, and
     ``"weight_msp_meta"``; with ``codec="deflate"`` the values and mask/indices are deflated (see the module
-    docstring) and ``"weight_msp_zsizes"`` is added.
+    docstring) and ``"weight_msp_zsizes"`` is added. ``name`` only labels warnings.
     """
-    weight = module.weight.detach()
+    weight = weight.detach()
     if weight.dim() != 2 or not weight.is_floating_point():
         return None
     dim0, dim1 = weight.shape
@@ -314,10 +310,9 @@ def encode_layer(module: nn.Module, target: Optional[LayerTarget] = None, name: 
     dense_bytes = weight.numel() * size
     nonzeros = int((weight != 0).sum())
     candidates = {BITMASK: nonzeros * size + math.ceil(weight.numel() / 8)}
-    transposed = isinstance(module, LINEAR_TYPES[1:])  # GPT-2 Conv1D stores [in, out]
     nm_encoded = None
     if target is not None and target.is_nm and target.n > 0:
-        nm_encoded = encode_nm(weight_matrix(module), target.n, target.m)
+        nm_encoded = encode_nm(weight.t() if transposed else weight, target.n, target.m)
         if nm_encoded is None:
             logger.warning("Layer %r does not follow its %s target; storing it with a bitmask.", name,
                            target.describe())
@@ -376,143 +371,3 @@ def decode_layer(tensors: Dict[str, torch.Tensor], expected_shape=None) -> torch
     return matrix.t().contiguous() if transposed else matrix
 
 
-# ------------------------------------------------------------------------------------------- load memory
-_MADV_DONTNEED = 4  # Linux
-_libc = None
-
-
-def release_file_pages(tensor: torch.Tensor, suffix: str = ".safetensors") -> int:
-    """Drop the resident pages of a consumed tensor that is a view into a mapped ``*.safetensors`` file.
-
-    The loader maps the checkpoint privately and read-only in practice, so its pages are clean copies of the
-    file: ``madvise(MADV_DONTNEED)`` gives them back and a later read would fault them in again from the file.
-    Without this the compact values and masks, once decoded, stay resident until the whole file is unmapped
-    (the embeddings are views into the same mapping), on top of the decoded weights. Only whole pages inside
-    the tensor are released (neighbouring tensors share the edge pages), and only when ``/proc/self/maps``
-    shows the address inside a mapping of such a file (never anonymous memory, whose pages would be zeroed).
-    Returns the bytes released; 0 where unsupported (not Linux) or not applicable.
-    """
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
-        return 0
-    start = tensor.data_ptr()
-    stop = start + tensor.numel() * tensor.element_size()
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, stop // page * page
-    if last <= first or not _inside_file_mapping(first, last, suffix):
-        return 0
-    if _c_library().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
-        return 0
-    return last - first
-
-
-def trim_heap() -> None:
-    """Give freed heap pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Decoding frees temporaries of up to a layer's size; glibc keeps such blocks in its heap and, as live decoded
-    weights interleave with them, cannot return them: the load's peak then varied by tens of MB between runs.
-    Trimming after each layer costs well under a millisecond and makes the peak repeatable.
-    """
-    if sys.platform.startswith("linux"):
-        trim = getattr(_c_library(), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
-
-
-def _c_library():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)  # the running process: libc is loaded already
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return _libc
-
-
-def _inside_file_mapping(first: int, last: int, suffix: str) -> bool:
-    try:
-        with open("/proc/self/maps") as handle:
-            for line in handle:
-                fields = line.split(maxsplit=5)
-                low, high = (int(x, 16) for x in fields[0].split("-"))
-                if low <= first and last <= high:
-                    return len(fields) == 6 and fields[5].strip().endswith(suffix)
-    except OSError:
-        return False
-    return False
-
-
-# ----------------------------------------------------------------------------------------------- whole model
-def compact_state_dict(model: nn.Module, plan: Optional[SparsityPlan] = None, codec: Optional[str] = None
-                       ) -> Dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every planned layer's weight replaced by its compact tensors (``codec``:
-    ``None`` or ``"deflate"``)."""
-    plan = plan if plan is not None else SparsityPlan.from_config(model.config)
-    if plan is None:
-        raise ValueError(
-            "save_compact needs a pruned model: model.config has no sparsity_plan. Prune it with MSPPruner (or "
-            "load it with quantization_config=MSPConfig(...)) first."
-        )
-    state_dict = model.state_dict()
-    modules = dict(model.named_modules())
-    compressed = 0
-    for name, layer in plan.layers.items():
-        module = modules.get(name)
-        key = f"{name}.weight"
-        if module is None or key not in state_dict:
-            raise ValueError(f"The sparsity plan names layer {name!r}, which this model does not have.")
-        encoded = encode_layer(module, layer.target, name, codec=codec)
-        if encoded is None:
-            continue
-        compressed += 1
-        for suffix, tensor in encoded.items():
-            state_dict[f"{name}.{suffix}"] = tensor
-    logger.info("Compact checkpoint: %d of %d planned layers compressed", compressed, len(plan.layers))
-    return state_dict
-
-
-def save_compact(model: nn.Module, save_directory: Union[str, os.PathLike], codec: Optional[str] = None,
-                 **save_kwargs: Any) -> Path:
-    """``model.save_pretrained(save_directory, **save_kwargs)`` with pruned layers stored compactly
-    (``codec="deflate"``: their tensors also deflated, losslessly; smaller, slower to save).
-
-    Everything ``save_pretrained`` does still applies (config, generation config, sharding with
-    ``max_shard_size``, ``push_to_hub=True``); ``config.json`` is marked ``checkpoint_format: "compact"`` so
-    that loading (with ``optimum_msp`` imported) decompresses and verifies. The model itself is not changed.
-    """
-    from .transformers import checkpoint_marker
-
-    if "state_dict" in save_kwargs:
-        raise ValueError("save_compact builds the state dict itself; do not pass state_dict=.")
-    if codec not in (None, "deflate"):
-        raise ValueError(f"Unknown compact codec {codec!r}; use None or 'deflate'.")
-    state_dict = compact_state_dict(model, codec=codec)
-    config = model.config
-    missing = object()
-    previous = config.__dict__.get("quantization_config", missing)
-    config.quantization_config = checkpoint_marker("compact")
-    try:
-        model.save_pretrained(save_directory, state_dict=state_dict, **save_kwargs)
-    finally:
-        if previous is missing:
-            config.__dict__.pop("quantization_config", None)
-        else:
-            config.quantization_config = previous
-    return Path(save_directory)
-
-
-def save_pruned(model: nn.Module, save_directory: Union[str, os.PathLike], compact: Union[bool, str] = False,
-                **save_kwargs: Any) -> Path:
-    """Save a pruned model so that loading it with ``optimum_msp`` imported verifies it against its plan.
-
-    ``compact=False`` writes a plain dense checkpoint (loads everywhere, stock transformers included);
-    ``compact=True`` (or ``"sparse"``) writes a :func:`save_compact` checkpoint; ``compact="deflate"`` one whose
-    sparse tensors are also deflated.
-    """
-    from .transformers import mark_pruned
-
-    if compact is not False:
-        if compact not in COMPACT_MODES:
-            raise ValueError(f"compact must be False, True, 'sparse' or 'deflate', got {compact!r}.")
-        return save_compact(model, save_directory, codec=COMPACT_MODES[compact], **save_kwargs)
-    if SparsityPlan.from_config(model.config) is not None:
-        mark_pruned(model)
-    model.save_pretrained(save_directory, **save_kwargs)
-    return Path(save_directory)
