@@ -25,7 +25,21 @@ _CONFIGS = {
                      num_attention_heads=4, max_position_embeddings=128),
 }
 
+#: Models whose blocks differ by ``config.layer_types``: each block type gets its own attention mask (and,
+#: for Gemma 3, its own rotary base), so a runner that replays block 0's arguments everywhere goes wrong.
+#: A small sliding window against seqlen 32 makes the sliding and full masks actually differ.
+_MIXED_CONFIGS = {
+    # the default Gemma 3 pattern: five sliding layers, then a full one
+    "gemma3_text_mixed": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8),
+    # full attention in the first ``max_window_layers`` layers, sliding after
+    "qwen2_sliding": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                          max_window_layers=2),
+}
+
 ARCHITECTURES = sorted(_CONFIGS)
+MIXED_ARCHITECTURES = sorted(_MIXED_CONFIGS)
 #: a fast subset for the heavier end-to-end tests (one rotary decoder, one with Conv1D and learned positions)
 CORE_ARCHITECTURES = ["llama", "gpt2"]
 
@@ -33,7 +47,7 @@ CORE_ARCHITECTURES = ["llama", "gpt2"]
 def tiny_config(arch: str):
     from transformers import AutoConfig
 
-    kwargs = dict(_CONFIGS[arch])
+    kwargs = dict(_CONFIGS[arch] if arch in _CONFIGS else _MIXED_CONFIGS[arch])
     model_type = kwargs.pop("model_type")
     return AutoConfig.for_model(model_type, vocab_size=VOCAB, **kwargs)
 

@@ -1,16 +1,20 @@
 """The block-by-block runner: the only place that moves activations around.
 
 The standard sequential scheme (SparseGPT, Wanda): run the calibration batches up to the first decoder
-block and keep what enters it (hidden states plus every keyword argument the block needs: attention mask,
+block and keep its hidden states, plus the other arguments *every* block is called with (attention mask,
 position ids/embeddings, cache flags); then for each block, let the caller collect statistics and prune
 it, and feed the *pruned* block's outputs to the next one. Only one block's activations are alive at a
 time, so the same code serves models offloaded with ``accelerate``.
+
+The arguments are recorded per block because they differ between blocks of different layer types
+(``config.layer_types``: Gemma 2/3, Cohere2, GPT-OSS, Qwen2 with ``max_window_layers`` give sliding-window
+and full-attention blocks different masks, Gemma 3 also different rotary bases); block 0's arguments
+replayed everywhere silently give wrong activations in every block unlike it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -18,29 +22,17 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from .blocks import find_decoder_blocks
+from .capture import BlockInputs, StandIn, capture_block_inputs, swapped_blocks
+
+__all__ = ["BlockDone", "BlockInputs", "BlockRunner", "InputStatistics", "StandIn", "batched", "block_output",
+           "forward_with_statistics", "swapped_blocks"]
 
 logger = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook: nothing after the first block needs to run."""
 
 
 class BlockDone(Exception):
     """Raised by a hook once a statistics pass has all it needs from a block: the rest of that batch's block
     forward is skipped (its output is not kept anyway)."""
-
-
-@dataclass
-class BlockInputs:
-    """What enters a decoder block, one entry per calibration batch."""
-
-    hidden: List[torch.Tensor] = field(default_factory=list)
-    args: List[Tuple[Any, ...]] = field(default_factory=list)
-    kwargs: List[Dict[str, Any]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.hidden)
 
 
 def block_output(output: Any) -> torch.Tensor:
@@ -58,32 +50,17 @@ class BlockRunner:
     def __init__(self, model: nn.Module, block_name: Optional[str] = None):
         self.model = model
         self.block_prefix, self.blocks = find_decoder_blocks(model, block_name)
+        #: whether a block returns a tuple (older transformers) rather than a tensor; known after a capture
+        self.returns_tuple: Optional[bool] = None
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor, batch_size: int = 1) -> BlockInputs:
-        """Run ``input_ids`` ([samples, seqlen]) up to the first block and record its inputs."""
-        captured = BlockInputs()
-
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            captured.hidden.append(hidden.detach())
-            captured.args.append(tuple(args[1:]))
-            captured.kwargs.append(dict(kwargs))
-            raise _StopForward
-
-        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-        device = _input_device(self.model)
-        try:
-            for batch in batched(input_ids, batch_size):
-                try:
-                    self.model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-        finally:
-            handle.remove()
-        if len(captured) == 0:
-            raise RuntimeError("The first decoder block was never called: cannot capture its inputs.")
-        return captured
+        """Run ``input_ids`` ([samples, seqlen]) through the model, every block replaced by a recording
+        pass-through (no block computes anything); keep the first block's hidden states and every block's
+        other arguments."""
+        batches = [batch.to(_input_device(self.model)) for batch in batched(input_ids, batch_size)]
+        inputs, self.returns_tuple = capture_block_inputs(self.model, self.blocks, batches, self.returns_tuple)
+        return inputs
 
     @torch.no_grad()
     def run_block(
@@ -101,8 +78,9 @@ class BlockRunner:
         for j in range(len(inputs)):
             if on_batch is not None:
                 on_batch(j)
+            args, kwargs = inputs.call_args(index, j)
             try:
-                out = block_output(block(hidden[j], *inputs.args[j], **inputs.kwargs[j]))
+                out = block_output(block(hidden[j], *args, **kwargs))
             except BlockDone:
                 if keep:
                     raise
@@ -116,7 +94,8 @@ class BlockRunner:
         """Replace ``inputs`` in place by what block ``index`` outputs (one block's activations alive)."""
         block = self.blocks[index]
         for j in range(len(inputs)):
-            inputs.hidden[j] = block_output(block(inputs.hidden[j], *inputs.args[j], **inputs.kwargs[j]))
+            args, kwargs = inputs.call_args(index, j)
+            inputs.hidden[j] = block_output(block(inputs.hidden[j], *args, **kwargs))
 
     def walk(self, inputs: BlockInputs, desc: str = "Blocks", start: int = 0) -> Iterator[Tuple[int, nn.Module]]:
         """Yield ``(index, block)``; after the caller is done with a block, its outputs become the next inputs."""

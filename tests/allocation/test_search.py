@@ -197,3 +197,40 @@ def test_a_smaller_prefix_cache_costs_block_runs_never_results(evaluator_setup):
 def test_search_cache_size_is_validated():
     with pytest.raises(ValueError, match="search_cache_mb must be a non-negative integer"):
         MSPConfig(search_cache_mb=-1)
+
+
+def test_fitness_matches_the_model_when_blocks_differ_by_layer_type():
+    """On a model with sliding and full attention blocks (different masks and rotary bases per block type),
+    the fitness replays each block with its own arguments: the dense loss and a pruned plan's loss are the
+    model's own losses on the same windows."""
+    model = tiny_model("gemma3_text_mixed")
+    config = MSPConfig(method="wanda", sparsity=0.6)
+    layers = prunable_layers(model)
+    numels = {n: m.weight.numel() for b in layers for n, m in b.items()}
+    space = LevelSpace.build(config, layers, numels)
+    runner = BlockRunner(model)
+    pruner = get_pruner("wanda")
+    from optimum_msp.apply import dense_statistics
+
+    stats = {}
+    for _, block_stats in dense_statistics(runner, layers, calibration_ids(4, 32), pruner.new_statistics):
+        stats.update(block_stats)
+    bank = WeightBank(pruner, {n: m for b in layers for n, m in b.items()}, stats)
+    ids = calibration_ids(2, 32, seed=11)
+
+    def model_loss():
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
+    evaluator = FitnessEvaluator(runner, space, bank, ids, kind="ppl")
+    dense = evaluator._loss(evaluator._logits(evaluator._run_dense()))
+    assert dense == pytest.approx(model_loss(), rel=1e-5)
+    genome = space.quantize([0.5 + 0.04 * (i % 5) for i in range(len(space))])
+    value = evaluator(genome)
+    for unit, s in zip(space.units, genome):
+        for name in unit:
+            bank.load(name, space.target(s))
+    expected = model_loss()
+    bank.restore()
+    assert value == pytest.approx(expected, rel=1e-4)

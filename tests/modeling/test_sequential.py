@@ -1,29 +1,89 @@
 import pytest
 import torch
 
-from optimum_msp.modeling.sequential import BlockRunner, InputStatistics, block_output
+from optimum_msp.modeling.sequential import BlockRunner, InputStatistics, batched, block_output
 from optimum_msp.modeling.blocks import prunable_layers
-from tiny_models import ARCHITECTURES, calibration_ids, tiny_model
+from tiny_models import ARCHITECTURES, MIXED_ARCHITECTURES, calibration_ids, tiny_model
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_blockwise_run_reproduces_the_model(arch):
-    """Captured inputs (hidden states + every kwarg the block needs) replayed block by block give what
-    the last block outputs in the model's own forward."""
+def _model_block_outputs(model, blocks, ids, batch_size):
+    """Every block's output in the model's own forward, ``[block][batch]`` (the ground truth)."""
+    seen = [[] for _ in blocks]
+    handles = [block.register_forward_hook(lambda module, args, output, i=i: seen[i].append(block_output(output)))
+               for i, block in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for batch in batched(ids, batch_size):
+                model(batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_mixed_architectures_mix_layer_types():
+    """The mixed test models really have blocks of several types (else they test nothing)."""
+    for arch in MIXED_ARCHITECTURES:
+        types = tiny_model(arch).config.layer_types
+        assert {"sliding_attention", "full_attention"} <= set(types), arch
+        assert types[0] != types[-1], arch  # a block unlike block 0 exists
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES + MIXED_ARCHITECTURES)
+def test_every_block_reproduces_the_model(arch):
+    """Each block, run by the runner with the arguments it gets in the model (attention mask, position
+    embeddings: per layer type for sliding/full models), outputs what it outputs in the model's own forward:
+    both chained block by block (capture + advance) and fed the model's own hidden states (run_block)."""
     model = tiny_model(arch)
-    ids = calibration_ids(samples=3, seqlen=16)
+    ids = calibration_ids(samples=3, seqlen=32)
     runner = BlockRunner(model)
+    expected = _model_block_outputs(model, runner.blocks, ids, batch_size=2)
     inputs = runner.capture(ids, batch_size=2)
     assert len(inputs) == 2 and inputs.hidden[0].shape[0] == 2
     for index in range(len(runner.blocks)):
+        hidden = expected[index - 1] if index else None
+        outputs = runner.run_block(index, inputs, hidden=hidden)
+        for j, (got, want) in enumerate(zip(outputs, expected[index])):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m: f"run_block {index} batch {j}: {m}")
+    for index in range(len(runner.blocks)):
         runner.advance(index, inputs)
+        for j, (got, want) in enumerate(zip(inputs.hidden, expected[index])):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m: f"advance {index} batch {j}: {m}")
 
-    seen = []
-    handle = runner.blocks[-1].register_forward_hook(lambda module, args, output: seen.append(block_output(output)))
-    with torch.no_grad():
-        model(ids, use_cache=False)
-    handle.remove()
-    torch.testing.assert_close(torch.cat(inputs.hidden), seen[0], atol=1e-5, rtol=1e-4)
+
+def test_captured_arguments_are_shared_not_copied():
+    """Blocks of one type get the same mask and position embeddings: stored once, referenced per block, and
+    across batches too when equal (same positions, no padding)."""
+    model = tiny_model("gemma3_text_mixed")
+    runner = BlockRunner(model)
+    inputs = runner.capture(calibration_ids(samples=3, seqlen=32), batch_size=1)
+    types = model.config.layer_types
+    full, sliding = types.index("full_attention"), types.index("sliding_attention")
+    for j in range(len(inputs)):
+        masks = [inputs.call_args(i, j)[1]["attention_mask"] for i in range(len(types))]
+        cos = [inputs.call_args(i, j)[1]["position_embeddings"][0] for i in range(len(types))]
+        for i, kind in enumerate(types):
+            assert masks[i] is masks[types.index(kind)] and cos[i] is cos[types.index(kind)]
+        assert not torch.equal(masks[full], masks[sliding]) and not torch.equal(cos[full], cos[sliding])
+        first = inputs.call_args(full, 0)[1]
+        assert inputs.call_args(full, j)[1]["attention_mask"] is first["attention_mask"]
+    assert inputs.args[0] is inputs.call_args(0, 0)[0] and inputs.kwargs[0] is inputs.call_args(0, 0)[1]
+
+
+def test_stand_in_reads_the_real_blocks_attributes_and_the_blocks_come_back():
+    """Model loops may read block attributes (``layer.attention_type``); a stand-in holds no parameters."""
+    from optimum_msp.modeling.sequential import StandIn
+
+    model = tiny_model("gemma3_text_mixed")
+    runner = BlockRunner(model)
+    originals = list(runner.blocks)
+    stand_in = StandIn(originals[-1])
+    assert stand_in.self_attn is originals[-1].self_attn and stand_in.self_attn.layer_type == "full_attention"
+    assert not list(stand_in.parameters())
+    runner.capture(calibration_ids(samples=2, seqlen=8))
+    assert all(a is b for a, b in zip(runner.blocks, originals))
 
 
 def _first_block(samples: int):

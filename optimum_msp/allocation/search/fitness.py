@@ -20,16 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...modeling.sequential import BlockInputs, BlockRunner
+from ...modeling.sequential import BlockInputs, BlockRunner, StandIn, swapped_blocks
 from ..levels import Genome, LevelSpace
 from .bank import WeightBank
 
 
-class _Replay(nn.Module):
+class _Replay(StandIn):
     """Stands in for a decoder block: returns its input, or for the last block the cached output."""
 
-    def __init__(self, output: Optional[torch.Tensor], as_tuple: bool):
-        super().__init__()
+    def __init__(self, block: nn.Module, output: Optional[torch.Tensor], as_tuple: bool):
+        super().__init__(block)
         self.output = output
         self.as_tuple = as_tuple
 
@@ -54,8 +54,10 @@ class FitnessEvaluator:
         self.bank = bank
         self.kind = kind
         self.batches = [fitness_ids[i : i + batch_size] for i in range(0, fitness_ids.shape[0], batch_size)]
+        # every block's own arguments (masks, position embeddings differ between layer types), replayed by
+        # runner.run_block with the hidden states of a candidate plan
         self.inputs: BlockInputs = runner.capture(fitness_ids, batch_size)
-        self.as_tuple = self._block_returns_tuple()
+        self.as_tuple = bool(runner.returns_tuple)
         self.block_units: Dict[int, List[int]] = {}
         for unit, block in enumerate(space.unit_blocks):
             self.block_units.setdefault(block, []).append(unit)
@@ -83,11 +85,6 @@ class FitnessEvaluator:
             "reference_logprobs": sum(r.numel() * r.element_size() for r in self.reference or ()),
         }
 
-    def _block_returns_tuple(self) -> bool:
-        with torch.no_grad():
-            out = self.runner.blocks[0](self.inputs.hidden[0], *self.inputs.args[0], **self.inputs.kwargs[0])
-        return isinstance(out, (tuple, list))
-
     @torch.no_grad()
     def _run_dense(self) -> List[torch.Tensor]:
         hidden = list(self.inputs.hidden)
@@ -103,17 +100,13 @@ class FitnessEvaluator:
     def _logits(self, final_hidden: List[torch.Tensor]) -> List[torch.Tensor]:
         """Run the model's head on cached last-block outputs by replaying them through its forward."""
         blocks = self.runner.blocks
-        originals = list(blocks)
+        replays = [_Replay(block, None, self.as_tuple) for block in blocks]
         logits = []
-        try:
+        with swapped_blocks(blocks, replays):
             for j, ids in enumerate(self.batches):
-                for i in range(len(blocks)):
-                    blocks[i] = _Replay(final_hidden[j] if i == len(blocks) - 1 else None, self.as_tuple)
+                replays[-1].output = final_hidden[j]
                 on_device = ids.to(final_hidden[j].device)
                 logits.append(self.runner.model(input_ids=on_device, use_cache=False).logits.float())
-        finally:
-            for i, module in enumerate(originals):
-                blocks[i] = module
         return logits
 
     def _loss(self, logits: List[torch.Tensor]) -> float:
