@@ -6,7 +6,7 @@ but it knows no family's vocabulary: its names are the run's own fields (:class:
 fields of every registered option class (:mod:`optimum_msp.options`), each validated by the class that
 declares it. :meth:`MSPConfig.resolved` returns the normalised copy a run uses (an N:M pattern gives its
 sparsity and M; a fixed N:M with a non-uniform allocation becomes a per-layer N:M); the config itself keeps
-what the user asked.
+what the user asked (an unset ``sparsity`` or ``m`` takes the value its pattern implies).
 """
 
 from __future__ import annotations
@@ -119,7 +119,12 @@ class MSPConfig(QuantizationConfigMixin):
         for name, spec in fields.items():
             setattr(self, name, values[name] if name in values else copy.deepcopy(spec.default))
         self.quant_method = QUANT_METHOD
-        self.validate()
+        resolved = self._resolved_values()
+        # unset sparsity / m take the values the pattern implies (defaults, not a rewrite of what was asked);
+        # the pattern itself stays as given: ``resolved()`` holds its canonical form
+        for name in ("sparsity", "m"):
+            if getattr(self, name) is None:
+                setattr(self, name, resolved[name])
         unused = [name for name in values if name not in self._used_names()
                   and values[name] != fields[name].default]
         if unused:

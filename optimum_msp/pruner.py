@@ -18,7 +18,7 @@ from torch import nn
 from .allocation import ALLOCATORS, AllocationContext
 from .apply import apply_targets
 from .checkpoint import save_pruned
-from .checkpoint.marker import mark_pruned
+from .checkpoint.marker import is_pruned_checkpoint, mark_pruned
 from .configuration import MSPConfig
 from .data import CalibrationData
 from .integrations.model_card import build_model_card
@@ -143,9 +143,13 @@ class MSPPruner:
 
     # -------------------------------------------------------------------------------------------- save
     def save_pretrained(self, save_directory: Union[str, os.PathLike], compact: Union[bool, str] = False,
-                        results: Iterable[Any] = (), plot: bool = True, **kwargs) -> Path:
+                        results: Iterable[Any] = (), plot: bool = True, overwrite: bool = False, **kwargs) -> Path:
         """Atomically write weights (safetensors), ``config.json`` with the plan, ``msp_config.json``, the
         tokenizer and a ``README.md`` model card: the folder appears complete or not at all.
+
+        A non-empty ``save_directory`` is refused (:class:`~optimum_msp.utils.io.OutputExistsError`), unless
+        ``overwrite=True`` and it holds a checkpoint saved by optimum-msp: files the library did not write are
+        never deleted. The run report (timings, memory) is written beside the weights as ``report.json``.
 
         ``plot``: also draw the plan (``sparsity_plan.png``, linked from the card) when matplotlib is installed.
 
@@ -157,7 +161,7 @@ class MSPPruner:
         ``compact="deflate"`` also deflates those tensors losslessly (smaller still, slower to save). Loading
         either needs ``optimum_msp`` imported. See :mod:`optimum_msp.checkpoint.codec`.
         """
-        with atomic_directory(save_directory) as staging:
+        with atomic_directory(save_directory, overwrite=overwrite, replaceable=is_pruned_checkpoint) as staging:
             save_pruned(self.model, staging, compact=compact, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)

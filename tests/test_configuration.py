@@ -7,12 +7,10 @@ from optimum_msp import MSPConfig
 
 def test_nm_pattern_derives_sparsity():
     config = MSPConfig(method="wanda", pattern="2:4")
-    assert config.sparsity is None and config.m is None  # what was asked is kept
+    assert config.sparsity == 0.5 and config.nm == (2, 4) and config.m == 4
+    assert MSPConfig(pattern="2:8").sparsity == 0.75
     resolved = config.resolved()
-    assert resolved.sparsity == 0.5 and resolved.nm == (2, 4) and resolved.m == 4
-    assert config.nm == (2, 4) and config.budget().sparsity == 0.5  # derived views read the resolved values
-    assert MSPConfig(pattern="2:8").resolved().sparsity == 0.75
-    assert resolved.resolved() == resolved
+    assert resolved == config and resolved.resolved() == resolved
 
 
 def test_nm_with_uniform_allocation_stays_fixed():

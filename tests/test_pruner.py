@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from optimum_msp import MSPConfig, MSPPruner, SparsityPlan
 from optimum_msp.modeling.blocks import prunable_layers, weight_matrix
@@ -33,7 +33,7 @@ def test_prune_meets_plan(arch, method, kwargs):
     plan = SparsityPlan.from_config(pruner.model.config)
     report = plan.verify(pruner.model)
     assert report.nm_compliant
-    config = MSPConfig(method=method, **kwargs)
+    config = MSPConfig(method=method, **kwargs).resolved()
     assert report.global_sparsity == pytest.approx(config.sparsity, abs=0.01)
     assert plan.achieved_sparsity == pytest.approx(report.global_sparsity)
     if config.nm:
@@ -91,9 +91,35 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pruner.model, "save_pretrained", explode)
     with pytest.raises(RuntimeError, match="disk full"):
-        pruner.save_pretrained(target)
+        pruner.save_pretrained(target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == first  # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+
+
+def test_save_never_deletes_what_it_did_not_write(tmp_path):
+    from optimum_msp.utils.io import OutputExistsError
+
+    pruner = _prune("llama", "magnitude", sparsity=0.5)
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):  # a folder that is not a checkpoint of ours is refused either way
+        with pytest.raises(OutputExistsError, match=str(tmp_path)):
+            pruner.save_pretrained(tmp_path, overwrite=overwrite)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+    out = tmp_path / "out"
+    pruner.save_pretrained(out)
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        pruner.save_pretrained(out)
+    pruner.save_pretrained(out, overwrite=True)  # a previous checkpoint may be replaced when asked
+    assert SparsityPlan.from_config(AutoConfig.from_pretrained(out)) is not None
+
+
+def test_run_report_is_beside_the_checkpoint_not_in_its_config(tmp_path):
+    pruner = _prune("llama", "wanda", sparsity=0.5)
+    assert pruner.report["prune_seconds"] > 0 and pruner.report["peak_rss_mb"] > 0
+    pruner.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == pruner.report
+    plan = json.loads((tmp_path / "out" / "config.json").read_text())["sparsity_plan"]
+    assert "seconds" not in json.dumps(plan) and "memory" not in json.dumps(plan)
 
 
 def test_same_seed_same_weights():

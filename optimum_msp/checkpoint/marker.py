@@ -8,6 +8,8 @@ With ``optimum_msp`` imported, transformers routes loading such a checkpoint thr
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Dict
 
 import torch
@@ -46,3 +48,14 @@ def verify_pruned(model: torch.nn.Module):
             f"no {CONFIG_KEY!r}: the checkpoint's config.json is incomplete."
         )
     return SparsityPlan.from_dict(data).verify(model)
+
+
+def is_pruned_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a checkpoint this library wrote (the only kind of folder a save may replace)."""
+    folder = Path(folder)
+    if (folder / "msp_config.json").is_file():
+        return True
+    try:
+        return CONFIG_KEY in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False

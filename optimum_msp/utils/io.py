@@ -5,8 +5,9 @@ Everything happens in the target's parent folder, so each move is a ``rename`` o
 - ``.<name>.tmp-*``: a staging folder being written; its ``.msp-owner`` file names the writer (host and PID) so that a
   later save can tell a dead writer's leftovers (removed) from a live one's (kept);
 - ``.<name>.old-*``: holds a replaced checkpoint (as ``<name>``) between the two renames of a swap; deleted right after;
-- ``.<name>.lock``: serialises swaps and clean-ups between processes. It is left in place: deleting a lock file that
-  another process may be waiting on would let two processes hold the lock.
+- a lock file in the library's cache (``<cache>/locks/``, keyed by the target's path) serialises swaps and clean-ups
+  between processes. It is left in place (deleting a lock file another process may be waiting on would let two
+  processes hold the lock), and kept out of the user's folder.
 
 Recovery: a process killed between the two renames of a swap leaves ``<name>`` missing and one ``.<name>.old-*``
 holding the previous, complete checkpoint. The next :func:`atomic_directory` call for that target moves it back
@@ -16,6 +17,7 @@ before doing anything else (and :func:`check_output_directory` already treats it
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Union
 
 from filelock import FileLock
+
+from .paths import cache_dir
 
 __all__ = ["OutputExistsError", "atomic_directory", "check_output_directory"]
 
@@ -129,7 +133,11 @@ def _check_content(target: Path, overwrite: bool, replaceable: Optional[Replacea
 
 # ------------------------------------------------------------------------------------------- swap and clean-up
 def _lock(target: Path) -> FileLock:
-    return FileLock(str(target.parent / f".{target.name}.lock"))
+    # in the library's cache, not beside the output: a user's folder gets nothing the product did not mean to write
+    key = hashlib.sha256(str(target).encode()).hexdigest()[:24]
+    folder = cache_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"{key}.lock"))
 
 
 def _swap(staging: Path, target: Path) -> None:

@@ -70,7 +70,7 @@ def test_uniform_mixed_needs_whole_n():
 
 def test_nm_pattern_with_search_becomes_mixed():
     config = MSPConfig(pattern="2:8", allocation="msp")
-    assert config.pattern == "2:8"  # what the user asked stays; the run uses the resolved copy
+    assert config.pattern == "2:8" and config.sparsity == 0.75  # what was asked stays; the run uses the resolved copy
     resolved = config.resolved()
     assert resolved.pattern == "mixed-n:m" and resolved.m == 8 and resolved.sparsity == 0.75
 

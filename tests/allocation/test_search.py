@@ -207,7 +207,7 @@ def test_fitness_matches_the_model_when_blocks_differ_by_layer_type():
     config = MSPConfig(method="wanda", sparsity=0.6)
     layers = prunable_layers(model)
     numels = {n: m.weight.numel() for b in layers for n, m in b.items()}
-    space = LevelSpace.build(config, layers, numels)
+    space = level_space(config, layers, numels)
     runner = BlockRunner(model)
     pruner = get_pruner("wanda")
     from optimum_msp.apply import dense_statistics
@@ -215,7 +215,8 @@ def test_fitness_matches_the_model_when_blocks_differ_by_layer_type():
     stats = {}
     for _, block_stats in dense_statistics(runner, layers, calibration_ids(4, 32), pruner.new_statistics):
         stats.update(block_stats)
-    bank = WeightBank(pruner, {n: m for b in layers for n, m in b.items()}, stats)
+    modules = {n: m for b in layers for n, m in b.items()}
+    bank = WeightBank(pruner, modules, WeightSnapshot(modules), stats)
     ids = calibration_ids(2, 32, seed=11)
 
     def model_loss():

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from optimum_msp import MSPConfig, MSPPruner, PlanError, SparsityPlan
-from optimum_msp.checkpoint import checkpoint_marker, codec, save_compact
+from optimum_msp.checkpoint import checkpoint_marker, save_compact
+from optimum_msp.checkpoint import codec as codec_module
 from optimum_msp.checkpoint import encode_module as encode_layer
 from optimum_msp.checkpoint.codec import CompactFormatError, decode_layer, pack_codes, unpack_codes
 from optimum_msp.utils.memory import release_file_pages
@@ -67,7 +68,7 @@ def test_chunked_decoding_matches(target, monkeypatch):
         module.weight.mul_(nm_mask(scores, *target) if target else unstructured_mask(scores, 0.7))
     layer_target = LayerTarget.nm(*target) if target else None
     expected = encode_layer(module, layer_target)
-    monkeypatch.setattr(compact, "CHUNK", 64)
+    monkeypatch.setattr(codec_module, "CHUNK", 64)
     encoded = encode_layer(module, layer_target)
     for key, value in encoded.items():
         assert torch.equal(value, expected[key]), key
@@ -141,7 +142,7 @@ def test_compact_round_trip_is_exact(arch, dtype, config, codec, tmp_path):
             assert len(meta) == (8 if codec else 6), name
             assert (f"{name}.weight_msp_zsizes" in keys) == bool(codec)
             assert (handle.get_tensor(f"{name}.weight").dtype == torch.uint8) == bool(codec)
-    assert encodings == ({codec.NM} if "pattern" in config else {codec.BITMASK})
+    assert encodings == ({codec_module.NM} if "pattern" in config else {codec_module.BITMASK})
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compact", attn_implementation="eager")
     assert reloaded.dtype == dtype
@@ -256,8 +257,8 @@ def test_save_compact_needs_a_plan(tmp_path):
 
 
 def test_serialized_names_are_consistent():
-    assert codec.SERIALIZED_NAMES[0] == "weight"
-    assert all(name.startswith("weight_msp_") for name in codec.SERIALIZED_NAMES[1:])
+    assert codec_module.SERIALIZED_NAMES[0] == "weight"
+    assert all(name.startswith("weight_msp_") for name in codec_module.SERIALIZED_NAMES[1:])
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="madvise path is Linux-only")
@@ -281,30 +282,30 @@ def test_release_file_pages_only_touches_mapped_checkpoint_files(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8])
 def test_deflate_round_trip_across_blocks(dtype, monkeypatch):
-    monkeypatch.setattr(compact, "DEFLATE_BLOCK", 7)  # several blocks and a partial last one
+    monkeypatch.setattr(codec_module, "DEFLATE_BLOCK", 7)  # several blocks and a partial last one
     torch.manual_seed(0)
     values = (torch.randn(50) * 100).to(dtype)
-    data, sizes = codec.deflate(values)
+    data, sizes = codec_module.deflate(values)
     assert data.dtype == torch.uint8 and len(sizes) == 8 * values.element_size()
-    assert _same_bits(codec.inflate(data, sizes, dtype, values.numel()), values)
-    empty, no_sizes = codec.deflate(values[:0])
-    assert codec.inflate(empty, no_sizes, dtype, 0).numel() == 0
+    assert _same_bits(codec_module.inflate(data, sizes, dtype, values.numel()), values)
+    empty, no_sizes = codec_module.deflate(values[:0])
+    assert codec_module.inflate(empty, no_sizes, dtype, 0).numel() == 0
 
 
 def test_deflate_corruption_is_a_format_error():
     values = torch.randn(1000).to(torch.bfloat16)
-    data, sizes = codec.deflate(values)
+    data, sizes = codec_module.deflate(values)
     broken = data.clone()
     broken[3] ^= 0xFF
     with pytest.raises(CompactFormatError):
-        codec.inflate(broken, sizes, torch.bfloat16, 1000)
+        codec_module.inflate(broken, sizes, torch.bfloat16, 1000)
     with pytest.raises(CompactFormatError, match="streams"):
-        codec.inflate(data, sizes[:-1], torch.bfloat16, 1000)
+        codec_module.inflate(data, sizes[:-1], torch.bfloat16, 1000)
     with pytest.raises(CompactFormatError, match="bytes"):
-        codec.inflate(data, sizes, torch.bfloat16, 999)
+        codec_module.inflate(data, sizes, torch.bfloat16, 999)
     bomb = zlib.compress(bytes(10**7))  # 10 MB of zeros in ~10 kB: must not be expanded past its 10-byte slot
     with pytest.raises(CompactFormatError, match="exactly 10 bytes"):
-        codec.inflate(torch.frombuffer(bytearray(bomb), dtype=torch.uint8), [len(bomb)], torch.uint8, 10)
+        codec_module.inflate(torch.frombuffer(bytearray(bomb), dtype=torch.uint8), [len(bomb)], torch.uint8, 10)
 
 
 def test_deflated_bf16_checkpoint_loads_as_float32_and_is_smaller(tmp_path):
