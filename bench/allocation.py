@@ -21,9 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    RESULTS, Timer, append_result, markdown_table, peak_rss_mb, read_results, run_rows, set_threads,
+    RESULTS, Timer, append_result, git_commit, markdown_table, peak_rss_mb, read_results, run_rows, set_threads,
     wikitext_perplexity,
 )
+
+from optimum_msp.commands.arguments import add_config_arguments  # noqa: E402
 
 OUT = RESULTS / "allocation.jsonl"
 ALLOCATIONS = ("uniform", "owl", "fisher", "msp")
@@ -44,50 +46,34 @@ def parse_row(row: str):
 
 
 def run_row(row: str, args) -> None:
-    from optimum_msp import MSPConfig, MSPPruner
-    from optimum_msp.data import calibration_windows
+    from optimum_msp import MSPPruner
+    from optimum_msp.commands.arguments import config_from_args, config_overrides
 
     set_threads(args.threads)
     method, target, allocation, label = parse_row(row)
-    extra = {}
-    if args.population_size:
-        extra["population_size"] = args.population_size
-    if args.generations is not None:
-        extra["generations"] = args.generations
-    if args.fitness:
-        extra["fitness"] = args.fitness
-    if args.search_statistics:
-        extra["search_statistics"] = args.search_statistics
-    if args.search_cache_mb is not None:
-        extra["search_cache_mb"] = args.search_cache_mb
-    if args.fitness_samples is not None:
-        extra["fitness_samples"] = args.fitness_samples
-    if args.max_deviation is not None:
-        extra["max_deviation"] = args.max_deviation
-    if args.granularity:
-        extra["granularity"] = args.granularity
-    # one seed draws the calibration windows, the fitness windows (disjoint from them) and the search
-    config = MSPConfig(method=method, allocation=allocation, seed=args.seed, **target, **extra)
+    # the row names method, target and allocation; every other config flag comes from the command line
+    config = config_from_args(args, defaults=dict(method=method, allocation=allocation, **target)).resolved()
     pruner = MSPPruner.from_pretrained(args.model)
-    calibration = calibration_windows(pruner.tokenizer, "wikitext2", 32, 2048, seed=config.seed)
+    # one seed draws the calibration windows, the fitness windows (disjoint from them) and the search
+    calibration = pruner.calibration(config)
     with Timer() as prune:
-        pruner.prune(config, calibration=calibration)
+        pruner.prune(config, calibration=calibration.ids)
     result = {"row": row, "method": method, "target": label, "allocation": allocation, "threads": args.threads,
-              "prune_s": prune.wall, "prune_cpu_s": prune.cpu, "achieved_sparsity": pruner.plan.achieved_sparsity,
-              "planned_sparsity": pruner.plan.planned_sparsity, "fitness": config.fitness,
-              "max_deviation": config.max_deviation, "granularity": config.granularity, "seed": config.seed}
-    fitness_ids = _fitness_ids(pruner, config, calibration)
-    search = pruner.plan.search
+              "overrides": config_overrides(args), "prune_s": prune.wall, "prune_cpu_s": prune.cpu,
+              "achieved_sparsity": pruner.plan.achieved_sparsity, "planned_sparsity": pruner.plan.planned_sparsity,
+              "fitness": getattr(config, "fitness", None), "max_deviation": config.max_deviation,
+              "granularity": config.granularity, "seed": config.seed, "commit": git_commit()}
+    fitness_ids = calibration.held_out(config.fitness_samples, config.fitness_seqlen, config.seed + 1)
+    search, cost = pruner.plan.search, pruner.report.get("allocation", {})
     if search:
-        result.update(search_s=search["search_seconds"], search_cpu_s=search.get("search_cpu_seconds"),
-                      evaluations=search["evaluations"],
-                      evals_per_s=search["evaluations"] / max(search["search_seconds"], 1e-9),
+        result.update(search_s=cost["search_seconds"], search_cpu_s=cost.get("search_cpu_seconds"),
+                      evaluations=cost["evaluations"],
+                      evals_per_s=cost["evaluations"] / max(cost["search_seconds"], 1e-9),
                       best_fitness=search["best_fitness"], uniform_fitness=search["uniform_fitness"],
                       fisher_fitness=search["fisher_fitness"], history=search["history"],
-                      fisher_s=search["fisher_seconds"], statistics_s=search.get("statistics_seconds"),
+                      fisher_s=cost["fisher_seconds"], statistics_s=cost.get("statistics_seconds"),
                       search_cache_mb=config.search_cache_mb, fitness_samples=config.fitness_samples,
-                      blocks_run=search["blocks_run"],
-                      search_memory_mb=search.get("memory_mb"),
+                      blocks_run=cost["blocks_run"], search_memory_mb=cost.get("memory_mb"),
                       population_size=config.population_size, generations=config.generations)
         result["dense_fwd_evals_per_s"] = 1.0 / _dense_fitness_forward_seconds(pruner.model, fitness_ids)
     # the search scores plans through its weight bank; this is the same loss on the model actually built
@@ -98,14 +84,6 @@ def run_row(row: str, args) -> None:
     result["peak_rss_mb"] = peak_rss_mb()
     result["plan"] = pruner.plan.to_dict()  # whole plan, for optimum_msp.plotting later
     append_result(Path(args.output), result)
-
-
-def _fitness_ids(pruner, config, calibration):
-    """The held-out windows the MSP search scores plans on (drawn the same way for every allocation)."""
-    from optimum_msp.allocation.base import AllocationContext
-    from optimum_msp.allocation.msp import fitness_windows
-
-    return fitness_windows(AllocationContext(pruner.model, config, [], calibration, tokenizer=pruner.tokenizer))
 
 
 def _final_fitness_nll(model, ids) -> float:
@@ -143,10 +121,14 @@ def _cell_key(row: dict):
 
 
 def _default_settings(row: dict) -> bool:
-    """Rows of the defaults only: another seed, level range, fitness or budget is a different experiment."""
+    """Rows run with the defaults of their day only: another seed, level range, fitness or budget is a different
+    experiment. Rows record the flags they were given (``overrides``); older rows are compared field by field."""
     from optimum_msp import MSPConfig
 
-    defaults = MSPConfig(sparsity=0.5)
+    if "overrides" in row:
+        # search_cache_mb changes block runs, never the plan (tests/allocation/test_search.py)
+        return not set(row["overrides"]) - {"search_cache_mb"}
+    defaults = MSPConfig(sparsity=0.5, allocation="msp")
     if (row.get("seed") not in (None, defaults.seed) or row.get("max_deviation") not in (None, defaults.max_deviation)
             or row.get("granularity") not in (None, defaults.granularity)):
         return False
@@ -216,16 +198,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--fitness", default=None, help="kl | ppl (default: MSPConfig's)")
-    parser.add_argument("--search-statistics", default=None, help="dense | seed (default: MSPConfig's)")
-    parser.add_argument("--search-cache-mb", type=int, default=None, help="MSPConfig.search_cache_mb")
-    parser.add_argument("--fitness-samples", type=int, default=None, help="MSPConfig.fitness_samples (windows)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="calibration windows, fitness windows and search (rows off seed 0 stay out of the matrix)")
-    parser.add_argument("--max-deviation", type=float, default=None, help="MSPConfig.max_deviation")
-    parser.add_argument("--granularity", default=None, help="block | layer (default: MSPConfig's)")
-    parser.add_argument("--population-size", type=int, default=None)
-    parser.add_argument("--generations", type=int, default=None)
+    # every MSPConfig flag but the ones a row names (rows run with a non-default flag stay out of the matrix)
+    add_config_arguments(parser, exclude=("method", "sparsity", "pattern", "m", "allocation"), config_file=False)
     parser.add_argument("--output", default=str(OUT))
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--matrix", nargs="*", default=None, metavar="JSONL",

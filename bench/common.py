@@ -15,12 +15,33 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 
+# The library reads local data only from OPTIMUM_MSP_DATA_DIR; the benchmarks use the shared copies beside the
+# checkout unless the caller chose another folder.
+_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if _SHARED_DATA.is_dir():
+    os.environ.setdefault("OPTIMUM_MSP_DATA_DIR", str(_SHARED_DATA))
+
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def git_commit() -> str:
+    """The commit the benchmark ran on (``+dirty`` when the tree had uncommitted changes), or ``"unknown"``."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def append_result(path: Path, row: Dict) -> None:
+    """Append one result row; every row records the commit it ran on."""
+    row.setdefault("commit", git_commit())
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
         handle.write(json.dumps(row) + "\n")

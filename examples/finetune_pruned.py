@@ -9,7 +9,7 @@ optimizer step), and measured again. The fine-tuned checkpoint verifies against 
     python examples/finetune_pruned.py --steps 200 --batch-size 2 --threads 1   # 25 min of training; PPL on 16
                                                    # test windows 43.95 -> 24.90 (docs/checkpoints.md)
     python examples/finetune_pruned.py --steps 4 --seqlen 128 --batch-size 2 --eval-windows 2 --eval-seqlen 128 \
-        --samples 2 --threads 1                    # a quick check (~2 min)
+        --num-calibration-samples 2 --threads 1    # a quick check (~2 min)
 
 Perplexity follows the repo protocol by default (2048-token windows of WikiText-2 test, first --eval-windows).
 """
@@ -23,7 +23,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from optimum_msp import MSPConfig, SparsityPlan, SparsityPreservingCallback
+from optimum_msp import SparsityPlan, SparsityPreservingCallback
+from optimum_msp.commands.arguments import add_config_arguments, config_from_args
 from optimum_msp.data import load_text, tokenize_text
 from optimum_msp.evaluation import perplexity
 from optimum_msp.modeling import resolve_model_path
@@ -47,14 +48,9 @@ class TextWindows(torch.utils.data.Dataset):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    parser.add_argument("--sparsity", type=float, default=None, help="default 0.5 (implied by an N:M pattern)")
-    parser.add_argument("--pattern", default="unstructured")
-    parser.add_argument("--samples", type=int, default=16, help="calibration windows for pruning")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    parser.add_argument("--seqlen", type=int, default=256, help="training and calibration window length")
     parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4, help="training windows per step")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--weight-decay", type=float, default=0.01)
@@ -62,6 +58,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU) for training")
     parser.add_argument("--output", help="save the fine-tuned model here")
     parser.add_argument("--threads", type=int, default=None)
+    # every MSPConfig field (--batch-size here is the training batch); --seqlen is also the training window
+    add_config_arguments(parser, exclude=("batch_size",))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -69,8 +67,7 @@ def main() -> None:
 
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    config = MSPConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-                       calibration_dataset="wikitext2", num_calibration_samples=args.samples, seqlen=args.seqlen)
+    config = config_from_args(args, defaults=dict(num_calibration_samples=16, seqlen=256))
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
     plan = SparsityPlan.from_config(model.config)
     print(f"pruned: global sparsity {plan.verify(model).global_sparsity:.4f}")
@@ -81,7 +78,7 @@ def main() -> None:
     before = ppl()
     print(f"WikiText-2 test PPL before fine-tuning: {before:.2f}")
 
-    train = TextWindows(tokenize_text(tokenizer, load_text("wikitext2", "validation")), args.seqlen)
+    train = TextWindows(tokenize_text(tokenizer, load_text("wikitext2", "validation")), config.seqlen)
     training_args = TrainingArguments(
         output_dir=args.output or "out/finetune-pruned", max_steps=args.steps,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,

@@ -9,7 +9,7 @@ matplotlib is installed).
     python examples/mixed_sparsity_search.py                       # Wanda, 75 % unstructured, default search
     python examples/mixed_sparsity_search.py --method sparsegpt --pattern mixed-n:m --m 8 --sparsity 0.75 \
         --search-checkpoint out/search.json --output out/smollm2-sparsegpt-msp-2of8
-    python examples/mixed_sparsity_search.py --samples 4 --seqlen 256 --population-size 4 --generations 2 \
+    python examples/mixed_sparsity_search.py --num-calibration-samples 4 --seqlen 256 --population-size 4 --generations 2 \
         --eval-windows 2 --threads 2                               # a quick check (a few minutes)
 
 An interrupted search resumes from ``--search-checkpoint`` and ends with the plan it would have found.
@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from optimum_msp import MSPConfig, MSPPruner
+from optimum_msp import MSPPruner
+from optimum_msp.commands.arguments import add_config_arguments, config_from_args
 from optimum_msp.evaluation import perplexity
 from optimum_msp.plotting import layer_series
 
@@ -31,37 +32,26 @@ from optimum_msp.plotting import layer_series
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="Hub id, local folder, or the bundled alias")
-    parser.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    parser.add_argument("--sparsity", type=float, default=0.75)
-    parser.add_argument("--pattern", default="unstructured", help="unstructured or mixed-n:m")
-    parser.add_argument("--m", type=int, default=None, help="group size M of mixed-n:m (default 8)")
-    parser.add_argument("--samples", type=int, default=32, help="calibration windows")
-    parser.add_argument("--seqlen", type=int, default=2048, help="calibration and evaluation window length")
-    parser.add_argument("--population-size", type=int, default=12)
-    parser.add_argument("--generations", type=int, default=10)
-    parser.add_argument("--search-checkpoint", default=None, help="file the search saves each generation to")
     parser.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 test windows (0: skip)")
     parser.add_argument("--no-uniform", action="store_true", help="skip the uniform comparison")
     parser.add_argument("--output", help="save the MSP-pruned model (plan, model card, figure) here")
     parser.add_argument("--threads", type=int, default=None)
+    add_config_arguments(parser, exclude=("allocation",))  # every MSPConfig field; --seqlen also evaluates
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    common = dict(method=args.method, sparsity=args.sparsity, pattern=args.pattern, m=args.m,
-                  num_calibration_samples=args.samples, seqlen=args.seqlen)
     results = {}
     for allocation in ("uniform", "msp")[1 if args.no_uniform else 0 :]:
-        config = MSPConfig(allocation=allocation, population_size=args.population_size,
-                           generations=args.generations, search_checkpoint=args.search_checkpoint, **common)
+        config = config_from_args(args, defaults=dict(sparsity=0.75, allocation=allocation))
         pruner = MSPPruner.from_pretrained(args.model)
         started = time.perf_counter()
         pruner.prune(config)
         seconds = time.perf_counter() - started
         ppl = None
         if args.eval_windows:
-            ppl = perplexity(pruner.model, pruner.tokenizer, seqlen=args.seqlen, max_windows=args.eval_windows)
+            ppl = perplexity(pruner.model, pruner.tokenizer, seqlen=config.seqlen, max_windows=args.eval_windows)
         results[allocation] = (ppl, pruner.plan.achieved_sparsity, seconds)
     plan = pruner.plan  # the MSP one
 

@@ -6,7 +6,7 @@ same folder). The result is a plain dense model whose config carries the sparsit
 
     python examples/prune_on_load.py                                   # SmolLM2-135M, Wanda 50 %
     python examples/prune_on_load.py --method sparsegpt --pattern 2:4 --output out/smollm2-2of4
-    python examples/prune_on_load.py --samples 4 --seqlen 256 --eval-windows 2   # a quick run
+    python examples/prune_on_load.py --num-calibration-samples 4 --seqlen 256 --eval-windows 2   # a quick run
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimum_msp import MSPConfig, SparsityPlan
+from optimum_msp import SparsityPlan
+from optimum_msp.commands.arguments import add_config_arguments, config_from_args
 from optimum_msp.evaluation import perplexity
 from optimum_msp.modeling import resolve_model_path
 
@@ -26,23 +27,18 @@ from optimum_msp.modeling import resolve_model_path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="Hub id, local folder, or the bundled alias")
-    parser.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    parser.add_argument("--sparsity", type=float, default=None, help="default 0.5 (implied by an N:M pattern)")
-    parser.add_argument("--pattern", default="unstructured", help="unstructured, N:M (e.g. 2:4) or mixed-n:m")
-    parser.add_argument("--allocation", default="uniform")
-    parser.add_argument("--samples", type=int, default=16, help="calibration windows")
-    parser.add_argument("--seqlen", type=int, default=1024, help="calibration and evaluation window length")
     parser.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 test windows for perplexity (0: skip)")
     parser.add_argument("--output", help="save the pruned model (and tokenizer) here")
     parser.add_argument("--threads", type=int, default=None)
+    add_config_arguments(parser)  # every MSPConfig field; --seqlen is also the evaluation window
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     path = resolve_model_path(args.model)
-    config = MSPConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
-                       calibration_dataset="wikitext2", num_calibration_samples=args.samples, seqlen=args.seqlen)
+    # this example's own defaults: fewer, shorter calibration windows than MSPConfig's
+    config = config_from_args(args, defaults=dict(num_calibration_samples=16, seqlen=1024))
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
     print(f"loaded and pruned {args.model} in {time.perf_counter() - started:.1f}s")
@@ -54,8 +50,8 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if args.eval_windows:
-        ppl = perplexity(model, tokenizer, seqlen=args.seqlen, max_windows=args.eval_windows)
-        print(f"WikiText-2 test perplexity (first {args.eval_windows} windows of {args.seqlen}): {ppl:.2f}")
+        ppl = perplexity(model, tokenizer, seqlen=config.seqlen, max_windows=args.eval_windows)
+        print(f"WikiText-2 test perplexity (first {args.eval_windows} windows of {config.seqlen}): {ppl:.2f}")
     if args.output:
         model.save_pretrained(args.output)  # config.json: sparsity_plan + the marker that verifies on reload
         tokenizer.save_pretrained(args.output)

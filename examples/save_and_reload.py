@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from optimum_msp import MSPConfig, MSPPruner, PlanError
+from optimum_msp import MSPPruner, PlanError
+from optimum_msp.commands.arguments import add_config_arguments, config_from_args
 from optimum_msp.checkpoint import save_compact, save_pruned
 
 
@@ -31,15 +32,14 @@ def _size_mb(folder: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--sparsity", type=float, default=None)
-    parser.add_argument("--pattern", default="unstructured")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--output", help="folder for the checkpoints (default: a temporary folder)")
+    add_config_arguments(parser)  # every MSPConfig field; magnitude (data-free) unless --method says otherwise
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     pruner = MSPPruner.from_pretrained(args.model)
-    pruner.prune(MSPConfig(method="magnitude", sparsity=args.sparsity, pattern=args.pattern))  # data-free
+    pruner.prune(config_from_args(args, defaults=dict(method="magnitude")))
     model = pruner.model.to(getattr(torch, args.dtype))
 
     root = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="msp-example-"))

@@ -17,13 +17,21 @@ from .arguments import add_config_arguments, config_from_args
 def _prune(args: argparse.Namespace) -> int:
     import torch
 
+    from ..checkpoint.marker import is_pruned_checkpoint
     from ..evaluation import perplexity
     from ..integrations.model_card import perplexity_result
     from ..pruner import MSPPruner
+    from ..utils.io import check_output_directory
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
+    if args.output:
+        # before any work: a refused output folder must not cost a whole prune
+        check_output_directory(args.output, overwrite=args.overwrite, replaceable=is_pruned_checkpoint)
+    else:
+        logging.getLogger("optimum_msp").warning(
+            "No --output given: the pruned model is evaluated and then discarded. Pass --output DIR to keep it.")
     pruner = MSPPruner.from_pretrained(args.model)
     started = time.perf_counter()
     pruner.prune(config)
@@ -41,7 +49,7 @@ def _prune(args: argparse.Namespace) -> int:
             card_results.append(perplexity_result(result["wikitext2_test_ppl"], seqlen=config.seqlen))
     if args.output:
         compact = False if args.compact == "none" else args.compact  # "sparse" / "deflate": save_pruned's modes
-        pruner.save_pretrained(args.output, compact=compact, results=card_results)
+        pruner.save_pretrained(args.output, compact=compact, results=card_results, overwrite=args.overwrite)
         result["output"] = args.output
     print(json.dumps(result, indent=2))
     return 0
@@ -62,24 +70,38 @@ def _perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(parser: argparse.ArgumentParser) -> int:
+    """A bare ``optimum-msp`` shows what it can do instead of an argparse error."""
+    parser.print_help(sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="optimum-msp", description="Mixed Sparsity Pruning for LLMs.")
+    parser.add_argument("--version", action="version", version=f"optimum-msp {__version__}")
     add_subcommands(parser)
     return parser
 
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     """``prune`` and ``perplexity``; shared by ``optimum-msp`` and ``optimum-cli msp``."""
-    sub = parser.add_subparsers(dest="msp_command", required=True)
+    sub = parser.add_subparsers(dest="msp_command", metavar="{prune,perplexity}")
+    parser.set_defaults(func=lambda args: _usage(parser))
     prune = sub.add_parser("prune", help="prune a model and save it (plan in config.json)")
     prune.add_argument("model", nargs="?", default="smollm2-135m", help="Hub id, local folder or alias")
-    prune.add_argument("--output", "-o", default=None, help="folder to save the pruned model to")
+    prune.add_argument("--output", "-o", default=None,
+                       help="folder to save the pruned model to (new or empty; without it the result is discarded)")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace --output when it holds a checkpoint saved by optimum-msp (never other files)")
     prune.add_argument("--compact", choices=["none", "sparse", "deflate"], default="none",
                        help="checkpoint format: dense weights (loads anywhere), sparse values + bitmask/N:M indices, "
                             "or those deflated as well (smallest; loading needs optimum_msp)")
     prune.add_argument("--eval-windows", type=int, default=16,
                        help="WikiText-2 test windows to evaluate after pruning (-1: all, 0: skip)")
-    prune.add_argument("--threads", type=int, default=None)
+    prune.add_argument("--threads", type=int, default=None,
+                       help="torch threads (default: torch's own choice); pin it for benchmarks")
     add_config_arguments(prune)
     prune.set_defaults(func=_prune)
     ppl = sub.add_parser("perplexity", help="perplexity of a (pruned) model")
@@ -98,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     hf_logging.enable_progress_bar()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ImportError) as error:
         print(f"optimum-msp: error: {error}", file=sys.stderr)
         return 2
 

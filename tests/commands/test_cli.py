@@ -90,3 +90,59 @@ def test_bad_config_file_exits_with_a_message(tmp_path, capsys):
     (tmp_path / "msp_config.json").write_text('{"method": "wanda", "spasity": 0.5}')
     assert main(["prune", str(tmp_path), "--config", str(tmp_path)]) == 2
     assert "Unknown MSPConfig keys ['spasity']" in capsys.readouterr().err
+
+
+def test_output_is_checked_before_pruning(tmp_path, capsys, monkeypatch):
+    import optimum_msp.pruner as pruner_module
+
+    source = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(source)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    pruned = []
+    monkeypatch.setattr(pruner_module.MSPPruner, "prune", lambda self, config: pruned.append(config))
+    for extra in ([], ["--overwrite"]):  # not a checkpoint of ours: refused even with --overwrite
+        assert main(["prune", str(source), "--method", "magnitude", "--eval-windows", "0", "-o", str(mine),
+                     *extra]) == 2
+        assert str(mine) in capsys.readouterr().err
+    assert pruned == [] and [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_overwrite_replaces_a_previous_checkpoint(tmp_path, capsys):
+    source = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(source)
+    out = tmp_path / "pruned"
+    args = ["prune", str(source), "--method", "magnitude", "--eval-windows", "0", "-o", str(out)]
+    assert main(args + ["--sparsity", "0.5"]) == 0
+    assert main(args + ["--sparsity", "0.6"]) == 2  # exists: not replaced without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--sparsity", "0.6", "--overwrite"]) == 0
+    plan = SparsityPlan.from_dict(json.loads((out / "config.json").read_text())["sparsity_plan"])
+    assert plan.target_sparsity == 0.6
+
+
+def test_prune_without_output_says_the_result_is_discarded(tmp_path, caplog):
+    source = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(source)
+    assert main(["prune", str(source), "--method", "magnitude", "--eval-windows", "0"]) == 0
+    assert "discarded" in caplog.text
+
+
+def test_bare_command_and_version(capsys):
+    assert main([]) == 2
+    assert "prune" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and "optimum-msp" in capsys.readouterr().out
+
+
+def test_help_shows_every_config_field_with_its_default(capsys):
+    from optimum_msp.configuration import config_fields
+
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    for name in config_fields():
+        assert "--" + name.replace("_", "-") in text, name
+    assert "(default: 0.01)" in text  # SparseGPT's dampening, declared with its method
