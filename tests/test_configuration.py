@@ -54,3 +54,59 @@ def test_round_trip_and_unknown_keys(tmp_path):
 def test_from_dict_validates_kwargs():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         MSPConfig.from_dict({"method": "wanda"}, sparsity=2.0)
+
+
+def test_a_new_method_is_one_registration_with_its_options(tmp_path):
+    """A pruner registered with its option class is configurable by MSPConfig and the CLI, validated by its class."""
+    from dataclasses import dataclass
+
+    from optimum_msp.commands.arguments import add_config_arguments, config_from_args
+    from optimum_msp.options import Options, option
+    from optimum_msp.pruners import PRUNERS, ScorePruner
+
+    @dataclass
+    class StrengthOptions(Options):
+        strength: float = option(1.0, "exponent of |W| in the score", kind=float, low=0.0)
+
+    @PRUNERS.register("test-power", options=StrengthOptions)
+    class PowerPruner(ScorePruner):
+        needs_calibration = False
+
+        def scores(self, weight, stats):
+            return weight.abs() ** self.options.strength
+
+    try:
+        config = MSPConfig(method="test-power", strength=2.0, sparsity=0.5)
+        assert config.pruner_options() == StrengthOptions(strength=2.0)
+        assert config.to_dict()["strength"] == 2.0 and "strength" not in MSPConfig(method="wanda").to_dict()
+        with pytest.raises(ValueError, match=r"strength must lie in \[0, inf\)"):
+            MSPConfig(method="test-power", strength=-1.0)
+        import argparse
+
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser)
+        args = parser.parse_args(["--method", "test-power", "--strength", "3"])
+        assert config_from_args(args).pruner_options().strength == 3.0
+    finally:
+        PRUNERS._entries.pop("test-power")
+
+
+def test_values_are_checked_where_they_are_declared():
+    for kwargs, message in [
+        (dict(dampening="0.01"), "dampening must be a finite number"),
+        (dict(method=["wanda"]), "method must be a string"),
+        (dict(seed=1.5), "seed must be an integer"),
+        (dict(owl_threshold=float("nan")), "owl_threshold must be a finite number"),
+        (dict(population_size=1), "population_size must lie in"),
+        (dict(targets=[1]), "targets must be a list of str"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            MSPConfig(**kwargs)
+
+
+def test_validation_changes_nothing_the_user_asked():
+    config = MSPConfig(pattern="2:8", allocation="fisher", targets="q_proj")
+    before = dict(vars(config))
+    config.validate()
+    config.resolved()
+    assert vars(config) == before and config.pattern == "2:8"

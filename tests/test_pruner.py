@@ -122,6 +122,27 @@ def test_run_report_is_beside_the_checkpoint_not_in_its_config(tmp_path):
     assert "seconds" not in json.dumps(plan) and "memory" not in json.dumps(plan)
 
 
+def test_the_config_seed_draws_the_calibration_and_the_search(tmp_path):
+    """No calibration given: the config's seed alone decides the windows, the held-out windows and the search."""
+    from tiny_models import CharTokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    generator = torch.Generator().manual_seed(0)
+    corpus.write_text("".join(chr(97 + int(c)) for c in torch.randint(0, 26, (4_000,), generator=generator)))
+
+    def run(seed):
+        pruner = MSPPruner(tiny_model("llama"), CharTokenizer())
+        pruner.prune(MSPConfig(method="wanda", sparsity=0.6, allocation="msp", calibration_dataset=str(corpus),
+                               num_calibration_samples=4, seqlen=32, fisher_samples=2, fitness_samples=2,
+                               fitness_seqlen=32, population_size=4, generations=2, seed=seed))
+        return pruner.model.state_dict(), pruner.plan
+
+    (first, plan), (again, plan_again), (other, plan_other) = run(0), run(0), run(1)
+    assert all(torch.equal(first[k], again[k]) for k in first) and plan.to_dict() == plan_again.to_dict()
+    assert plan.calibration["seed"] == 0 and plan_other.calibration["seed"] == 1
+    assert not all(torch.equal(first[k], other[k]) for k in first)  # another seed, other windows
+
+
 def test_same_seed_same_weights():
     a = _prune("llama", "sparsegpt", sparsity=0.5).model.state_dict()
     b = _prune("llama", "sparsegpt", sparsity=0.5).model.state_dict()

@@ -142,7 +142,9 @@ def test_prune_on_load_data_free_needs_no_tokenizer(tmp_path):
     tiny_model("llama").save_pretrained(folder)
     config = MSPConfig(method="magnitude", sparsity=0.5)
     loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
-    SparsityPlan.from_config(loaded.config).verify(loaded)
+    plan = SparsityPlan.from_config(loaded.config)
+    assert plan.verify(loaded).global_sparsity == pytest.approx(0.5, abs=0.01)
+    assert plan.method == "magnitude" and plan.calibration["num_samples"] == 0  # no data was drawn
 
 
 def test_calibration_data_validates():
