@@ -52,9 +52,12 @@ def tiny_config(arch: str):
     return AutoConfig.for_model(model_type, vocab_size=VOCAB, **kwargs)
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_model(arch: str, seed: int = 0, **config_overrides):
+    """A random tiny ``arch`` model; ``config_overrides`` (e.g. ``num_hidden_layers=4``) change its config."""
     torch.manual_seed(seed)
     config = tiny_config(arch)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     # Random init gives near-identical weight scales; spread them so masks and scores are not degenerate.

@@ -8,25 +8,16 @@ runs that showed it.
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from optimum_msp import MSPConfig, MSPPruner
-from tiny_models import calibration_ids, tiny_config
+from tiny_models import calibration_ids, tiny_model
 
 SENSITIVE = 2
 BLOCKS = 4
 
 
 def _model(change) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = tiny_config("llama")
-    config.num_hidden_layers = BLOCKS
-    config._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = tiny_model("llama", num_hidden_layers=BLOCKS)
     with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(1.0 + torch.rand_like(parameter))
         change(model.model.layers)
     return model
 

@@ -87,23 +87,26 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
     assert len(calls) < len(uninterrupted.state.fitness)  # the first generations were not re-evaluated
 
 
-@pytest.fixture(scope="module")
-def evaluator_setup():
-    model = tiny_model("llama")
-    config = MSPConfig(method="wanda", sparsity=0.6)
-    layers = prunable_layers(model)
-    numels = {n: m.weight.numel() for b in layers for n, m in b.items()}
-    space = level_space(config, layers, numels)
-    runner = BlockRunner(model)
-    pruner = get_pruner("wanda")
+def _search_parts(arch: str):
+    """A tiny model with the level space, runner and Wanda weight bank the MSP search would build (60 %)."""
     from optimum_msp.apply import dense_statistics
 
+    model = tiny_model(arch)
+    layers = prunable_layers(model)
+    numels = {n: m.weight.numel() for b in layers for n, m in b.items()}
+    space = level_space(MSPConfig(method="wanda", sparsity=0.6), layers, numels)
+    runner = BlockRunner(model)
+    pruner = get_pruner("wanda")
     stats = {}
     for _, block_stats in dense_statistics(runner, layers, calibration_ids(4, 32), pruner.new_statistics):
         stats.update(block_stats)
     modules = {n: m for b in layers for n, m in b.items()}
-    bank = WeightBank(pruner, modules, WeightSnapshot(modules), stats)
-    return model, space, runner, bank
+    return model, space, runner, WeightBank(pruner, modules, WeightSnapshot(modules), stats)
+
+
+@pytest.fixture(scope="module")
+def evaluator_setup():
+    return _search_parts("llama")
 
 
 @pytest.mark.parametrize("kind", ["kl", "ppl"])
@@ -203,20 +206,7 @@ def test_fitness_matches_the_model_when_blocks_differ_by_layer_type():
     """On a model with sliding and full attention blocks (different masks and rotary bases per block type),
     the fitness replays each block with its own arguments: the dense loss and a pruned plan's loss are the
     model's own losses on the same windows."""
-    model = tiny_model("gemma3_text_mixed")
-    config = MSPConfig(method="wanda", sparsity=0.6)
-    layers = prunable_layers(model)
-    numels = {n: m.weight.numel() for b in layers for n, m in b.items()}
-    space = level_space(config, layers, numels)
-    runner = BlockRunner(model)
-    pruner = get_pruner("wanda")
-    from optimum_msp.apply import dense_statistics
-
-    stats = {}
-    for _, block_stats in dense_statistics(runner, layers, calibration_ids(4, 32), pruner.new_statistics):
-        stats.update(block_stats)
-    modules = {n: m for b in layers for n, m in b.items()}
-    bank = WeightBank(pruner, modules, WeightSnapshot(modules), stats)
+    model, space, runner, bank = _search_parts("gemma3_text_mixed")
     ids = calibration_ids(2, 32, seed=11)
 
     def model_loss():
