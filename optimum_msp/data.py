@@ -210,5 +210,7 @@ class CalibrationData:
 
 
 def _recipe(dataset, split, ids: torch.Tensor, seed) -> Dict[str, Any]:
+    if split is None and dataset is not None:  # record the split actually used, not "the default"
+        split = "train" if Path(dataset).expanduser().is_file() else DEFAULT_CALIBRATION_SPLIT.get(dataset, "train")
     return {"dataset": dataset, "split": split, "num_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
             "seed": seed}

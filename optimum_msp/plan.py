@@ -265,10 +265,13 @@ class SparsityPlan:
                 )
             # Weights may only gain zeros; the floor is what was achieved at pruning time.
             floor = layer.achieved if layer.achieved is not None else layer.target.sparsity
-            if measured.zeros < math.floor(floor * layer.numel + 1e-6):
+            required = math.floor(floor * layer.numel + 1e-6)
+            if measured.zeros < required:
+                # counts, not rounded fractions: 0.49996 and 0.5 both print as 0.5000
                 raise PlanError(
-                    f"Layer {name!r} is {measured.sparsity:.4f} sparse but its plan requires {floor:.4f}: "
-                    "the weights do not match the sparsity plan in config.json."
+                    f"Layer {name!r} has {measured.zeros:,} zero weights of {layer.numel:,}, but its plan requires "
+                    f"{floor:.6g} sparsity (at least {required:,} zeros): the weights do not match the sparsity plan "
+                    "in config.json."
                 )
         return report
 

@@ -1,7 +1,7 @@
 """Figures of a sparsity plan: where the sparsity went (per layer, with the blocks' Fisher sensitivity) and, for
 an ``msp`` plan, how the search's best fitness fell generation by generation.
 
-``matplotlib`` is optional (``pip install "optimum-msp[plots]"``); :func:`plot_available` tells whether it can
+``matplotlib`` is optional (``pip install "optimum-msp[plot]"``); :func:`plot_available` tells whether it can
 be imported. :meth:`optimum_msp.MSPPruner.save_pretrained` writes the figure beside the model card when it can.
 """
 
@@ -11,7 +11,7 @@ import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from .plan import SparsityPlan
 
@@ -52,6 +52,12 @@ def block_positions(owners: List[str], sensitivity: Dict[str, float]) -> Tuple[L
     return xs, ys
 
 
+def fitness_label(fitness: Optional[str]) -> str:
+    """What the search's fitness values are, with their unit (the ``ppl`` fitness is a mean NLL, not a PPL)."""
+    return {"ppl": "best fitness: mean NLL (nats/token)",
+            "kl": "best fitness: KL to dense (nats/token)"}.get(fitness, "best fitness")
+
+
 def plot_plan(plan: SparsityPlan, path: Union[str, os.PathLike]) -> Path:
     """Write the plan's figure (PNG) to ``path`` and return it."""
     import matplotlib
@@ -87,13 +93,19 @@ def plot_plan(plan: SparsityPlan, path: Union[str, os.PathLike]) -> Path:
     if history:
         curve = axes[1][0]
         curve.plot(range(1, len(history) + 1), history, marker="o")
-        for key, label in (("uniform_fitness", "uniform plan"), ("fisher_fitness", "fisher seed")):
+        for key, label in (("uniform_fitness", "uniform plan"), ("fisher_fitness", "Fisher seed")):
             if plan.search.get(key) is not None:
                 curve.axhline(plan.search[key], linestyle=":", linewidth=1, color="gray")
-                curve.annotate(label, (1, plan.search[key]), fontsize=7, color="gray")
+                # the label sits just above its line, not on it
+                curve.annotate(label, (0, plan.search[key]), xycoords=("axes fraction", "data"),
+                               xytext=(4, 2), textcoords="offset points", fontsize=7, color="gray", va="bottom")
+        shown = history + [plan.search[k] for k in ("uniform_fitness", "fisher_fitness") if plan.search.get(k) is not None]
+        low, high = min(shown), max(shown)
+        margin = 0.12 * (high - low) if high > low else 0.05 * abs(high) or 0.05
+        curve.set_ylim(low - margin, high + margin)  # room for the labels above the highest line
         curve.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         curve.set_xlabel("generation")
-        curve.set_ylabel(f"best fitness ({plan.search.get('fitness', 'loss')})")
+        curve.set_ylabel(fitness_label(plan.search.get("fitness")))
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)

@@ -23,7 +23,7 @@ from .configuration import MSPConfig
 from .data import CalibrationData
 from .integrations.model_card import build_model_card
 from .modeling.blocks import select_linears
-from .modeling.loading import load_model, load_tokenizer
+from .modeling.loading import base_model_id, load_model, load_tokenizer
 from .modeling.sequential import BlockRunner
 from .plan import CONFIG_KEY, SparsityPlan
 from .pruners import build_pruner
@@ -43,9 +43,12 @@ class MSPPruner:
     >>> pruner.save_pretrained("out/smollm2-wanda-50")
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, base_model: Optional[str] = None):
         self.model = model
         self.tokenizer = tokenizer
+        #: the Hub id the model came from (the model card's ``base_model``), when known
+        self.base_model = base_model if base_model is not None else base_model_id(
+            getattr(getattr(model, "config", None), "_name_or_path", None))
         self.config: Optional[MSPConfig] = None  # the resolved config of the last prune
         self.plan: Optional[SparsityPlan] = None
         #: what the last prune cost: timings, memory, counters (``report.json`` beside a saved checkpoint)
@@ -65,7 +68,7 @@ class MSPPruner:
                 tokenizer = load_tokenizer(model_or_path)
             except (OSError, ValueError) as error:  # data-free pruning (magnitude) does not need one
                 logger.warning("No tokenizer loaded for %s (%s); calibration will need one.", model_or_path, error)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, base_model=base_model_id(model_or_path))
 
     # ------------------------------------------------------------------------------------------- prune
     def calibration(self, config: MSPConfig, ids: Optional[torch.Tensor] = None,
@@ -170,9 +173,8 @@ class MSPPruner:
             if self.report:
                 (Path(staging) / REPORT_NAME).write_text(json.dumps(self.report, indent=2, sort_keys=True) + "\n")
             if self.plan is not None:
-                base_model = getattr(self.model.config, "_name_or_path", None) or None
                 figure = _write_plot(self.plan, Path(staging)) if plot else None
-                build_model_card(self.plan, base_model, results, plot_path=figure).save(Path(staging) / "README.md")
+                build_model_card(self.plan, self.base_model, results, plot_path=figure).save(Path(staging) / "README.md")
         return Path(save_directory)
 
     def push_to_hub(self, repo_id: str, *, compact: Union[bool, str] = False, results: Iterable[Any] = (),

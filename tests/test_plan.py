@@ -84,3 +84,17 @@ def test_layer_target_validation():
         LayerTarget(sparsity=1.2)
     with pytest.raises(PlanError):
         LayerTarget(sparsity=0.5, n=2)
+
+
+def test_a_violation_reads_as_counts_not_rounded_fractions():
+    from optimum_msp.plan import LayerPlan
+
+    module = torch.nn.Linear(100, 100, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+        module.weight.view(-1)[:4999] = 0.0  # one zero short of 50 %: prints as 0.5000 either way
+    model = torch.nn.Sequential()
+    model.add_module("layer", module)
+    plan = SparsityPlan("magnitude", "unstructured", "uniform", 0.5, {"layer": LayerPlan(LayerTarget(0.5), 10_000)})
+    with pytest.raises(PlanError, match=r"has 4,999 zero weights of 10,000, but its plan requires 0.5 sparsity \(at least 5,000 zeros\)"):
+        plan.verify(model)

@@ -59,3 +59,10 @@ def test_a_failing_figure_never_fails_the_save(tmp_path, monkeypatch, caplog):
     assert (tmp_path / "out" / "config.json").is_file()
     assert not (tmp_path / "out" / plotting.PLOT_FILENAME).exists()
     assert "odd search data" in caplog.text
+
+
+def test_fitness_is_labelled_with_what_it_is():
+    from optimum_msp.plotting import fitness_label
+
+    assert "NLL" in fitness_label("ppl") and "ppl" not in fitness_label("ppl")
+    assert "KL" in fitness_label("kl")

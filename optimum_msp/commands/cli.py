@@ -45,7 +45,10 @@ def _prune(args: argparse.Namespace) -> int:
         result["wikitext2_test_ppl"] = perplexity(pruner.model, pruner.tokenizer, "wikitext2", "test",
                                                   seqlen=config.seqlen, max_windows=windows)
         result["eval_windows"] = "all" if windows is None else windows
-        if windows is None:  # only a whole-split number belongs in the card's model-index
+        # every measured number goes to the folder's report.json; only a whole-split one into the card's model-index
+        pruner.report["evaluation"] = {"wikitext2_test_ppl": result["wikitext2_test_ppl"],
+                                       "windows": result["eval_windows"], "seqlen": config.seqlen}
+        if windows is None:
             card_results.append(perplexity_result(result["wikitext2_test_ppl"], seqlen=config.seqlen))
     if args.output:
         compact = False if args.compact == "none" else args.compact  # "sparse" / "deflate": save_pruned's modes
@@ -65,6 +68,10 @@ def _perplexity(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     windows = None if args.windows < 0 else args.windows
+    logging.getLogger("optimum_msp").info(
+        "Perplexity of %s on %s/%s: %s windows of %d tokens (a progress bar shows the time left; --windows N "
+        "evaluates the first N only)", args.model, args.dataset, args.split, "all" if windows is None else windows,
+        args.seqlen)
     value = perplexity(model, tokenizer, args.dataset, args.split, seqlen=args.seqlen, max_windows=windows)
     print(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split, "perplexity": value}))
     return 0
@@ -90,7 +97,8 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="msp_command", metavar="{prune,perplexity}")
     parser.set_defaults(func=lambda args: _usage(parser))
     prune = sub.add_parser("prune", help="prune a model and save it (plan in config.json)")
-    prune.add_argument("model", nargs="?", default="smollm2-135m", help="Hub id, local folder or alias")
+    prune.add_argument("model", nargs="?", default="smollm2-135m",
+                       help="Hub id, local folder or alias (default: smollm2-135m, the bundled SmolLM2-135M-Instruct)")
     prune.add_argument("--output", "-o", default=None,
                        help="folder to save the pruned model to (new or empty; without it the result is discarded)")
     prune.add_argument("--overwrite", action="store_true",
@@ -105,12 +113,13 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(prune)
     prune.set_defaults(func=_prune)
     ppl = sub.add_parser("perplexity", help="perplexity of a (pruned) model")
-    ppl.add_argument("model", nargs="?", default="smollm2-135m")
-    ppl.add_argument("--dataset", default="wikitext2")
-    ppl.add_argument("--split", default="test")
-    ppl.add_argument("--seqlen", type=int, default=2048)
-    ppl.add_argument("--windows", type=int, default=-1, help="first N windows only (-1: all)")
-    ppl.add_argument("--threads", type=int, default=None)
+    ppl.add_argument("model", nargs="?", default="smollm2-135m", help="Hub id, local folder or alias")
+    ppl.add_argument("--dataset", default="wikitext2", help="wikitext2 | c4 | a local .txt/.raw/.jsonl file")
+    ppl.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    ppl.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: 2048)")
+    ppl.add_argument("--windows", type=int, default=-1,
+                     help="first N windows only (default -1: the whole split, 148 windows of WikiText-2 test)")
+    ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ppl.set_defaults(func=_perplexity)
 
 

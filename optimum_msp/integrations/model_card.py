@@ -16,6 +16,10 @@ from ..plan import SparsityPlan
 
 Result = Union[EvalResult, Mapping[str, Any]]
 
+#: what the search's fitness numbers are (the ``ppl`` fitness is a mean NLL, whose exp would be a perplexity)
+FITNESS_UNITS = {"ppl": "the mean next-token NLL (nats per token)", "kl": "the KL divergence to the dense model "
+                 "(nats per token)"}
+
 
 def perplexity_result(value: float, dataset: str = "wikitext2", split: str = "test", seqlen: int = 2048) -> EvalResult:
     """An ``EvalResult`` for WikiText-2 perplexity measured as :func:`optimum_msp.evaluation.perplexity` does."""
@@ -56,6 +60,8 @@ def _search_section(plan: SparsityPlan) -> str:
     keys = ["fitness", "population_size", "generations", "best_fitness", "fisher_fitness", "uniform_fitness"]
     lines = ["## Sparsity search", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {search[key]} |" for key in keys if key in search]
+    if search.get("fitness") in FITNESS_UNITS:
+        lines += ["", f"Fitness values are {FITNESS_UNITS[search['fitness']]} on held-out calibration windows."]
     if search.get("history"):
         lines += ["", "Best fitness per generation: " + ", ".join(f"{v:.5g}" for v in search["history"])]
     return "\n".join(lines) + "\n"

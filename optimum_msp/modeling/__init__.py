@@ -1,1 +1,1 @@
-from .loading import MODEL_ALIASES, load_model, load_tokenizer, resolve_model_path
+from .loading import MODEL_ALIASES, base_model_id, load_model, load_tokenizer, resolve_model_path

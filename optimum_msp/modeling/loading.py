@@ -9,6 +9,7 @@ is written atomically so a crash never leaves a half-converted model behind.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
@@ -62,6 +63,29 @@ def _convert_smollm2(destination: Path) -> None:
 
 MODEL_ALIASES: Dict[str, Callable[[Path], None]] = {"smollm2-135m": _convert_smollm2}
 _ALIAS_FOLDERS = {"smollm2-135m": _SMOLLM2_FOLDER}
+#: the Hub model each alias is a copy of (what a pruned checkpoint's card names as its base model)
+ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def base_model_id(name_or_path: Union[str, Path, None]) -> Optional[str]:
+    """The Hub id a model came from, for a model card's ``base_model``; ``None`` when it is not known.
+
+    An alias gives its Hub model; a local folder the ``_name_or_path`` its own ``config.json`` records (when
+    that is not a local path itself); anything else is taken as a Hub id.
+    """
+    if name_or_path is None or str(name_or_path) == "":
+        return None
+    name = str(name_or_path)
+    if name in ALIAS_HUB_IDS:
+        return ALIAS_HUB_IDS[name]
+    path = Path(name).expanduser()
+    if path.exists():
+        try:
+            recorded = json.loads((path / "config.json").read_text()).get("_name_or_path")
+        except (OSError, ValueError):
+            recorded = None
+        return recorded if recorded and not Path(recorded).expanduser().exists() else None
+    return name
 
 
 def resolve_model_path(name_or_path: Union[str, Path]) -> str:

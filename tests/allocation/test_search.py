@@ -70,6 +70,34 @@ def test_search_improves_and_never_evaluates_twice():
     assert search.state.history == sorted(search.state.history, reverse=True)
 
 
+def test_progress_shows_from_the_first_evaluation_with_the_best_so_far(monkeypatch):
+    from optimum_msp.allocation.search import evolution
+
+    events = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total = total
+
+        def update(self, n=1):
+            events.append(("update", search.state.generation, n))
+
+        def set_postfix(self, **values):
+            events.append(("postfix", search.state.generation, values["best"]))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(evolution.hf_logging, "tqdm", Bar)
+    search = _toy_search(generations=3)
+    search.run()
+    updates = [e for e in events if e[0] == "update"]
+    assert updates[0][1] == 0  # the initial population already moves the bar
+    assert sum(n for _, _, n in updates) == search.new_evaluations
+    bests = [float(best) for kind, _, best in events if kind == "postfix"]
+    assert bests == sorted(bests, reverse=True) and bests[-1] == search.state.fitness[search.best]
+
+
 def test_same_seed_same_result():
     assert _toy_search(generations=8).run() == _toy_search(generations=8).run()
 

@@ -59,3 +59,18 @@ def test_model_without_blocks_gets_clear_error():
         find_decoder_blocks(NoBlocks())
     with pytest.raises(NoDecoderBlocksError, match="not a non-empty nn.ModuleList"):
         find_decoder_blocks(tiny_model("llama"), block_name="model.norm")
+
+
+def test_base_model_is_a_hub_id_or_nothing(tmp_path):
+    import json
+
+    from optimum_msp.modeling import base_model_id
+
+    assert base_model_id("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_id("org/model") == "org/model"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert base_model_id(tmp_path) is None  # a local path is not a base model a card can link to
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "org/origin"}))
+    assert base_model_id(tmp_path) == "org/origin"
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path)}))
+    assert base_model_id(tmp_path) is None

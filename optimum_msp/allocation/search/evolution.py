@@ -130,11 +130,14 @@ class EvolutionarySearch:
         return ranked[min(contenders)]  # ranked best first
 
     # ---------------------------------------------------------------------------------------- running
-    def _evaluate(self, population: Sequence[Genome]) -> None:
+    def _evaluate(self, population: Sequence[Genome], progress=None) -> None:
         for genome in population:
             if genome not in self.state.fitness:
                 self.state.fitness[genome] = self.fitness_fn(genome)
                 self.new_evaluations += 1
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(best=f"{min(self.state.fitness.values()):.4f}")
 
     def _ranked(self, population: Sequence[Genome]) -> List[Genome]:
         return sorted(set(population), key=lambda g: (self.state.fitness[g], g))
@@ -173,12 +176,16 @@ class EvolutionarySearch:
         return True
 
     def run(self) -> Genome:
-        if not self._resume():
+        # one step per evaluation, from the first one: the initial population alone can take many minutes
+        per_generation = self.population_size - self.elite
+        progress = hf_logging.tqdm(total=self.population_size + self.generations * per_generation,
+                                   desc="MSP search (evaluations)", disable=not hf_logging.is_progress_bar_enabled())
+        if self._resume():
+            progress.update(min(progress.total, self.population_size + self.state.generation * per_generation))
+        else:
             self.state = SearchState(population=self.initial_population())
-            self._evaluate(self.state.population)
+            self._evaluate(self.state.population, progress)
             self._save()
-        progress = hf_logging.tqdm(total=self.generations, initial=self.state.generation, desc="MSP search",
-                                   disable=not hf_logging.is_progress_bar_enabled())
         while self.state.generation < self.generations:
             generation = self.state.generation
             rng = self._rng(generation)
@@ -193,14 +200,13 @@ class EvolutionarySearch:
                 if child in next_population or child in self.state.fitness:
                     continue  # never evaluate a genome twice
                 next_population.append(child)
-            self._evaluate(next_population)
+            self._evaluate(next_population, progress)
             self.state.population = next_population
             self.state.generation += 1
             best = self._ranked(next_population)[0]
             self.state.history.append(self.state.fitness[best])
             self._save()
-            progress.update(1)
-            progress.set_postfix(best=f"{self.state.fitness[best]:.4f}")
+            progress.set_postfix(best=f"{self.state.fitness[best]:.4f}", generation=self.state.generation)
         progress.close()
         return self.best
 
