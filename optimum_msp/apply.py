@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .modeling.blocks import weight_matrix
+from .modeling.offload import read_matrix, write_matrix
 from .modeling.sequential import BlockRunner, forward_with_statistics
 from .plan import LayerTarget
 from .pruners.base import Pruner
@@ -22,12 +22,14 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def prune_layer(module: nn.Module, pruner: Pruner, stats, target: LayerTarget) -> float:
-    """Prune ``module`` in place to ``target``; return its achieved sparsity."""
-    weight = weight_matrix(module)
-    pruned = pruner.prune(weight.float(), stats, target)
-    weight.copy_(pruned.to(weight.dtype))
-    return float((weight == 0).sum()) / weight.numel()
+def prune_layer(module: nn.Module, pruner: Pruner, stats, target: LayerTarget,
+                device: Optional[torch.device] = None) -> float:
+    """Prune ``module`` in place to ``target`` (computed in fp32 on ``device``, stored in the weight's own dtype and
+    place, offloaded or not); return its achieved sparsity."""
+    weight = read_matrix(module)
+    pruned = pruner.prune(weight.to(device or weight.device).float(), stats, target).to(weight.dtype)
+    write_matrix(module, pruned)
+    return float((pruned == 0).sum()) / pruned.numel()
 
 
 @torch.no_grad()
@@ -50,7 +52,7 @@ def apply_targets(
         for block_layers in layers:
             for name, module in block_layers.items():
                 if name in targets:
-                    achieved[name] = prune_layer(module, pruner, None, targets[name])
+                    achieved[name] = prune_layer(module, pruner, None, targets[name], runner.device)
         return achieved
     if calibration is None:
         raise ValueError(f"The {pruner.name!r} pruner needs calibration data.")
@@ -63,7 +65,7 @@ def apply_targets(
         if on_statistics is not None:
             on_statistics(stats)
         for name, module in chosen.items():
-            achieved[name] = prune_layer(module, pruner, stats[name], targets[name])
+            achieved[name] = prune_layer(module, pruner, stats[name], targets[name], runner.device)
         del stats
     return achieved
 

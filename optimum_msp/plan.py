@@ -236,7 +236,7 @@ class SparsityPlan:
     # ------------------------------------------------------------------------------------------ checks
     def measure(self, model: torch.nn.Module) -> SparsityReport:
         """Measure every planned layer of ``model``; a planned layer that does not exist is an error."""
-        from .modeling.blocks import weight_matrix
+        from .modeling.offload import read_matrix
 
         modules = dict(model.named_modules())
         report = {}
@@ -244,7 +244,7 @@ class SparsityPlan:
             module = modules.get(name)
             if module is None or getattr(module, "weight", None) is None:
                 raise PlanError(f"The sparsity plan names layer {name!r}, which this model does not have.")
-            weight = weight_matrix(module)
+            weight = read_matrix(module)
             if weight.numel() != layer.numel:
                 raise PlanError(
                     f"The sparsity plan says layer {name!r} has {layer.numel} weights, the model has {weight.numel()}."

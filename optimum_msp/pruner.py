@@ -43,9 +43,12 @@ class MSPPruner:
     >>> pruner.save_pretrained("out/smollm2-wanda-50")
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, base_model: Optional[str] = None):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, base_model: Optional[str] = None,
+                 device: Union[str, torch.device, None] = None):
         self.model = model
         self.tokenizer = tokenizer
+        #: where blocks are computed (``None``: where the model computes)
+        self.device = None if device is None else torch.device(device)
         #: the Hub id the model came from (the model card's ``base_model``), when known
         self.base_model = base_model if base_model is not None else base_model_id(
             getattr(getattr(model, "config", None), "_name_or_path", None))
@@ -57,18 +60,27 @@ class MSPPruner:
     @classmethod
     def from_pretrained(
         cls, model_or_path: Union[str, os.PathLike, nn.Module], tokenizer: Any = None,
-        dtype: Optional[torch.dtype] = torch.float32, **model_kwargs,
+        dtype: Union[str, torch.dtype, None] = "auto", device: Union[str, torch.device, None] = None,
+        **model_kwargs,
     ) -> "MSPPruner":
-        """From a loaded model, a Hub id, a local folder or a bundled alias (``"smollm2-135m"``)."""
+        """From a loaded model, a Hub id, a local folder or a bundled alias (``"smollm2-135m"``).
+
+        ``dtype``: ``"auto"`` (the checkpoint's own, the default), ``"bfloat16"``, ``"float16"``, ``"float32"``
+        or a ``torch.dtype``: weights are stored and saved in it; statistics, Hessians and scores are computed in
+        fp32 whatever it is. ``device``: where blocks are computed (``"cuda"``, ``"cuda:1"``, ``"cpu"``; default:
+        where the model computes), one block's weights there at a time. Other keywords go to transformers'
+        ``from_pretrained``, e.g. ``device_map={"model.layers.20": "disk", ...}, offload_folder="offload"``
+        (the pruned weights of offloaded layers are written to the offload folder).
+        """
         if isinstance(model_or_path, nn.Module):
-            return cls(model_or_path, tokenizer)
+            return cls(model_or_path, tokenizer, device=device)
         model = load_model(model_or_path, dtype=dtype, **model_kwargs)
         if tokenizer is None:
             try:
                 tokenizer = load_tokenizer(model_or_path)
             except (OSError, ValueError) as error:  # data-free pruning (magnitude) does not need one
                 logger.warning("No tokenizer loaded for %s (%s); calibration will need one.", model_or_path, error)
-        return cls(model, tokenizer, base_model=base_model_id(model_or_path))
+        return cls(model, tokenizer, base_model=base_model_id(model_or_path), device=device)
 
     # ------------------------------------------------------------------------------------------- prune
     def calibration(self, config: MSPConfig, ids: Optional[torch.Tensor] = None,
@@ -100,7 +112,7 @@ class MSPPruner:
         config = config.resolved()
         started = time.perf_counter()
         pruner = build_pruner(config.method, config.pruner_options())
-        runner = BlockRunner(self.model, config.block_name)
+        runner = BlockRunner(self.model, config.block_name, device=self.device)
         layers = [
             select_linears(block, f"{runner.block_prefix}.{i}", config.targets, config.ignore)
             for i, block in enumerate(runner.blocks)
@@ -134,6 +146,9 @@ class MSPPruner:
             "allocation": dict(result.report),
             "peak_rss_mb": peak_rss_mb(),
         }
+        # the weights as stored (offloaded ones included) must hold the plan: a layer left dense is an error here,
+        # never a silent result
+        self.plan.verify(self.model)
         setattr(self.model.config, CONFIG_KEY, self.plan.to_dict())
         # the marker that makes a reload (with optimum_msp imported) verify the weights against the plan
         mark_pruned(self.model)

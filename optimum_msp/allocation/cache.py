@@ -16,6 +16,7 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
+from ..modeling.offload import read_matrix
 from ..utils.paths import cache_dir
 
 
@@ -25,7 +26,7 @@ def fingerprint(model: nn.Module, layers: Dict[str, nn.Module], ids: torch.Tenso
     digest.update(str(getattr(model.config, "_name_or_path", "")).encode())
     digest.update(ids.cpu().numpy().tobytes())
     for name, module in layers.items():
-        weight = module.weight.detach()
+        weight = read_matrix(module).detach()  # offloaded weights: the stored values, not the meta placeholder
         digest.update(name.encode())
         digest.update(f"{weight.double().sum().item():.10e}|{weight.double().abs().sum().item():.10e}".encode())
     for setting in settings:

@@ -9,17 +9,20 @@ Results are cached on disk, keyed by model weights, data and settings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+from ..modeling.offload import is_offloaded, onloaded
+from ..modeling.sequential import BlockRunner, block_output, input_device
 from ..options import option
 from .base import ALLOCATORS, AllocationContext, AllocationResult, Budget
 from .cache import cache_path, fingerprint, write_atomically
@@ -29,21 +32,61 @@ logger = logging.getLogger(__name__)
 
 
 def fisher_traces(
-    model: nn.Module, layers: Dict[str, nn.Module], ids: torch.Tensor, use_cache: bool = True
+    model: nn.Module, layers: Dict[str, nn.Module], ids: torch.Tensor, use_cache: bool = True,
+    runner: Optional[BlockRunner] = None, blockwise: Optional[bool] = None,
 ) -> Dict[str, float]:
-    """Empirical Fisher trace of every layer in ``layers`` over the sequences of ``ids`` ([n, seqlen])."""
+    """Empirical Fisher trace of every layer in ``layers`` over the sequences of ``ids`` ([n, seqlen]).
+
+    Two ways, the same quantity: one backward through the whole model per sequence (the model in memory on
+    one device), or block by block (``blockwise``; the default when the model is offloaded or computed on
+    another device than it is kept on, and it needs ``runner``), holding one block's weights on the compute
+    device and every block's input activations of one sequence, never the whole model's gradients.
+    """
     path = cache_path("fisher", fingerprint(model, layers, ids), ".json")
     if use_cache and path.is_file():
         logger.info("Fisher traces read from cache %s", path)
         return json.loads(path.read_text())
+    if blockwise is None:
+        blockwise = runner is not None and _spread_out(model, runner)
+    if blockwise and runner is None:
+        raise ValueError("The block-wise Fisher pass needs the model's BlockRunner (runner=).")
+    with _frozen(model):
+        traces = _blockwise_traces(runner, layers, ids) if blockwise else _whole_model_traces(model, layers, ids)
+    if use_cache:
+        write_atomically(path, lambda temporary: temporary.write_text(json.dumps(traces)))
+    return traces
 
-    traces = {name: 0.0 for name in layers}
+
+def _spread_out(model: nn.Module, runner: BlockRunner) -> bool:
+    """Whether the model's weights are not all in memory on the device its blocks are computed on."""
+    return runner.device != input_device(model) or any(is_offloaded(module) for module in model.modules())
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter accumulates a gradient unless asked to; eval mode; both restored afterwards."""
     flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    handles = []
     was_training = model.training
     try:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+            parameter.grad = None
+        model.train(was_training)
+
+
+def _progress(count: int):
+    return hf_logging.tqdm(range(count), desc="Fisher trace", disable=not hf_logging.is_progress_bar_enabled())
+
+
+def _whole_model_traces(model: nn.Module, layers: Dict[str, nn.Module], ids: torch.Tensor) -> Dict[str, float]:
+    traces = {name: 0.0 for name in layers}
+    handles = []
+    try:
         for name, module in layers.items():
             module.weight.requires_grad_(True)
 
@@ -52,23 +95,71 @@ def fisher_traces(
                 parameter.grad = None  # free it now: one scalar per layer is all we keep
 
             handles.append(module.weight.register_post_accumulate_grad_hook(reduce))
-        model.eval()
-        device = model.get_input_embeddings().weight.device
-        for row in hf_logging.tqdm(range(ids.shape[0]), desc="Fisher trace",
-                                   disable=not hf_logging.is_progress_bar_enabled()):
+        device = input_device(model)
+        for row in _progress(ids.shape[0]):
             sequence = ids[row : row + 1].to(device)
             loss = model(input_ids=sequence, labels=sequence, use_cache=False).loss
             loss.backward()
     finally:
         for handle in handles:
             handle.remove()
-        for parameter, flag in flags.items():
-            parameter.requires_grad_(flag)
-            parameter.grad = None
-        model.train(was_training)
-    if use_cache:
-        write_atomically(path, lambda temporary: temporary.write_text(json.dumps(traces)))
     return traces
+
+
+def _blockwise_traces(runner: BlockRunner, layers: Dict[str, nn.Module], ids: torch.Tensor) -> Dict[str, float]:
+    """Per sequence: a forward block by block keeping each block's input, the head's gradient, then a backward
+    block by block. A linear layer's weight gradient is ``dY^T X`` (inputs ``X``, output gradients ``dY``, both
+    caught by hooks), so no weight needs ``requires_grad``, which offloaded weights (re-created by accelerate for
+    every forward) could not carry."""
+    traces = {name: 0.0 for name in layers}
+    owner = {name: index for index in range(len(runner.blocks)) for name in layers
+             if name.startswith(f"{runner.block_prefix}.{index}.")}
+    for row in _progress(ids.shape[0]):
+        sequence = ids[row : row + 1]
+        inputs = runner.capture(sequence, 1)
+        hidden = [inputs.hidden[0]]
+        with torch.no_grad():
+            for index in range(len(runner.blocks)):
+                hidden.append(runner.run_block(index, inputs, hidden=hidden[-1:])[0])
+        final = hidden.pop().detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = runner.head(final, sequence, labels=sequence).loss
+            (grad,) = torch.autograd.grad(loss, final)
+        grad = grad.to(runner.device)
+        for index in reversed(range(len(runner.blocks))):
+            chosen = {name: layers[name] for name, block in owner.items() if block == index}
+            grad = _block_backward(runner, index, inputs, hidden[index], grad, chosen, traces)
+    return traces
+
+
+def _block_backward(runner: BlockRunner, index: int, inputs, block_input: torch.Tensor, grad: torch.Tensor,
+                    chosen: Dict[str, nn.Module], traces: Dict[str, float]) -> torch.Tensor:
+    """Backward through block ``index``: add the squared weight gradients of ``chosen`` to ``traces`` and return
+    the gradient with respect to the block's input."""
+    seen: Dict[str, list] = {name: [] for name in chosen}
+    handles = []
+    for name, module in chosen.items():
+        handles.append(module.register_forward_hook(lambda m, args, out, name=name: seen[name].append(args[0].detach())))
+        handles.append(module.register_full_backward_hook(
+            lambda m, grad_in, grad_out, name=name: seen[name].append(grad_out[0].detach())))
+    try:
+        x = block_input.detach().requires_grad_(True)
+        args, kwargs = inputs.call_args(index, 0)
+        with torch.enable_grad(), onloaded(runner.blocks[index], runner.device) as block:
+            out = block_output(block(x, *args, **kwargs))
+            (grad_in,) = torch.autograd.grad(out, x, grad_outputs=grad)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, (layer_input, layer_grad) in ((n, v) for n, v in seen.items() if len(v) == 2):
+        weight_grad = layer_grad.reshape(-1, layer_grad.shape[-1]).float().t() @ layer_input.reshape(
+            -1, layer_input.shape[-1]).float()  # [out, in], the same norm for Conv1D's [in, out]
+        traces[name] += float(weight_grad.pow(2).sum())
+    missing = [name for name, values in seen.items() if len(values) != 2]
+    if missing:
+        raise RuntimeError(f"The block-wise Fisher pass saw layer(s) {missing} run other than exactly once per "
+                           "sequence; use a model held in memory (the whole-model Fisher pass).")
+    return grad_in
 
 
 @dataclass
@@ -81,7 +172,7 @@ def fisher_sensitivity(context: AllocationContext) -> Tuple[Dict[str, float], Di
     """Fisher traces of the context's layers, and their sums per decoder block (keys: block index as text)."""
     options = context.options
     ids = context.calibration_ids("Fisher sensitivity")[: options.fisher_samples, : options.fisher_seqlen]
-    traces = fisher_traces(context.model, context.modules, ids)
+    traces = fisher_traces(context.model, context.modules, ids, runner=context.runner)
     blocks = {str(index): sum(traces[name] for name in block) for index, block in enumerate(context.layers) if block}
     return traces, blocks
 

@@ -14,7 +14,7 @@ from typing import Dict
 
 import torch
 
-from ..modeling.blocks import weight_matrix
+from ..modeling.offload import read_matrix
 from ..options import option
 from ..statistics import InputNorms
 from .base import ALLOCATORS, AllocationContext, AllocationResult
@@ -37,10 +37,10 @@ def outlier_ratios(context: AllocationContext) -> Dict[int, float]:
     for index, block in enumerate(context.layers):
         if not block:
             continue
-        scores = [
-            (weight_matrix(module).abs().float() * stats[name].norms.to(module.weight.device).unsqueeze(0)).flatten()
-            for name, module in block.items()
-        ]
+        scores = []
+        for name, module in block.items():
+            weight = read_matrix(module).float()
+            scores.append((weight.abs() * stats[name].norms.to(weight.device).unsqueeze(0)).flatten())
         scores = torch.cat(scores)
         ratios[index] = float((scores > context.options.owl_threshold * scores.mean()).float().mean())
     return ratios

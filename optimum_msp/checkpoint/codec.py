@@ -341,7 +341,12 @@ def _aux_key(encoding: int) -> str:
 
 
 def decode_layer(tensors: Dict[str, torch.Tensor], expected_shape=None) -> torch.Tensor:
-    """Rebuild the dense stored weight from the tensors written by :func:`encode_layer`."""
+    """Rebuild the dense stored weight from the tensors written by :func:`encode_layer`, on the device the kept
+    values came on (decoding itself runs on the host: bit unpacking and zlib are host work)."""
+    values = tensors.get("weight")
+    if values is not None and values.device.type != "cpu":
+        device = values.device
+        return decode_layer({key: tensor.cpu() for key, tensor in tensors.items()}, expected_shape).to(device)
     meta = tensors.get("weight" + META_SUFFIX)
     values = tensors.get("weight")
     if values is None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..modeling.blocks import LINEAR_TYPES
+from ..modeling.offload import read_stored
 from ..plan import LayerTarget, SparsityPlan
 from .codec import COMPACT_MODES, encode_layer
 from .marker import checkpoint_marker, mark_pruned
@@ -23,7 +24,18 @@ def encode_module(module: nn.Module, target: Optional[LayerTarget] = None, name:
                   codec: Optional[str] = None) -> Optional[Dict[str, torch.Tensor]]:
     """:func:`~optimum_msp.checkpoint.codec.encode_layer` of a linear module's stored weight."""
     transposed = isinstance(module, LINEAR_TYPES[1:])  # GPT-2 Conv1D stores [in, out]
-    return encode_layer(module.weight, target, name, codec=codec, transposed=transposed)
+    # the codec works on host tensors (bit packing, zlib): a weight on an accelerator or offloaded comes to the host
+    return encode_layer(read_stored(module).cpu(), target, name, codec=codec, transposed=transposed)
+
+
+def _stored_state_dict(model: nn.Module, modules: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
+    """``model.state_dict()`` with offloaded parameters (``meta`` placeholders) read from where they are stored."""
+    state_dict = model.state_dict()
+    for key, tensor in state_dict.items():
+        if tensor.device.type == "meta":
+            owner, _, name = key.rpartition(".")
+            state_dict[key] = read_stored(modules[owner], name)
+    return state_dict
 
 
 def compact_state_dict(model: nn.Module, plan: Optional[SparsityPlan] = None, codec: Optional[str] = None
@@ -36,8 +48,8 @@ def compact_state_dict(model: nn.Module, plan: Optional[SparsityPlan] = None, co
             "save_compact needs a pruned model: model.config has no sparsity_plan. Prune it with MSPPruner (or "
             "load it with quantization_config=MSPConfig(...)) first."
         )
-    state_dict = model.state_dict()
     modules = dict(model.named_modules())
+    state_dict = _stored_state_dict(model, modules)
     compressed = 0
     for name, layer in plan.layers.items():
         module = modules.get(name)

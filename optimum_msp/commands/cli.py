@@ -32,7 +32,7 @@ def _prune(args: argparse.Namespace) -> int:
     else:
         logging.getLogger("optimum_msp").warning(
             "No --output given: the pruned model is evaluated and then discarded. Pass --output DIR to keep it.")
-    pruner = MSPPruner.from_pretrained(args.model)
+    pruner = MSPPruner.from_pretrained(args.model, **_loading(args))
     started = time.perf_counter()
     pruner.prune(config)
     result = {
@@ -66,7 +66,11 @@ def _perplexity(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    loading = _loading(args)
+    device = loading.pop("device")
+    model, tokenizer = load_model(args.model, **loading), load_tokenizer(args.model)
+    if device is not None and "device_map" not in loading:
+        model = model.to(device)  # evaluation runs the whole model: it must fit there (else use --device-map)
     windows = None if args.windows < 0 else args.windows
     logging.getLogger("optimum_msp").info(
         "Perplexity of %s on %s/%s: %s windows of %d tokens (a progress bar shows the time left; --windows N "
@@ -75,6 +79,38 @@ def _perplexity(args: argparse.Namespace) -> int:
     value = perplexity(model, tokenizer, args.dataset, args.split, seqlen=args.seqlen, max_windows=windows)
     print(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split, "perplexity": value}))
     return 0
+
+
+def _loading(args: argparse.Namespace) -> dict:
+    """``from_pretrained`` keywords from the device flags."""
+    kwargs = {"dtype": args.dtype, "device": args.device}
+    if args.device_map is not None:
+        text = args.device_map
+        if text.lstrip().startswith("{"):
+            try:
+                text = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--device-map is not valid JSON ({error}); give auto, cpu, or a JSON object such "
+                                 'as \'{"model.layers.20": "disk"}\'.') from None
+        kwargs["device_map"] = text
+    if args.offload_folder is not None:
+        kwargs["offload_folder"] = args.offload_folder
+    return kwargs
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("device and memory")
+    group.add_argument("--device", default=None,
+                       help="where blocks are computed: cpu, cuda, cuda:N (default: where the model is loaded); "
+                            "one block's weights there at a time")
+    group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                       help="dtype the weights are loaded, stored and saved in (default: auto, the checkpoint's own)")
+    group.add_argument("--device-map", default=None,
+                       help="transformers' device_map: auto, cpu, or a JSON object of module -> device / 'cpu' / "
+                            "'disk' (default: the whole model on one device)")
+    group.add_argument("--offload-folder", default=None,
+                       help="folder for disk-offloaded weights (needed with 'disk' in --device-map; pruned weights "
+                            "of offloaded layers are written there)")
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -110,6 +146,7 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
                        help="WikiText-2 test windows to evaluate after pruning (-1: all, 0: skip)")
     prune.add_argument("--threads", type=int, default=None,
                        help="torch threads (default: torch's own choice); pin it for benchmarks")
+    _add_device_arguments(prune)
     add_config_arguments(prune)
     prune.set_defaults(func=_prune)
     ppl = sub.add_parser("perplexity", help="perplexity of a (pruned) model")
@@ -120,6 +157,7 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--windows", type=int, default=-1,
                      help="first N windows only (default -1: the whole split, 148 windows of WikiText-2 test)")
     ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    _add_device_arguments(ppl)
     ppl.set_defaults(func=_perplexity)
 
 

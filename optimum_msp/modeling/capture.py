@@ -43,6 +43,28 @@ class BlockInputs:
     def __len__(self) -> int:
         return len(self.hidden)
 
+    def to(self, device: torch.device) -> "BlockInputs":
+        """These inputs with every tensor on ``device`` (shared tensors stay shared); ``self`` if all are there."""
+        moved: Dict[int, Any] = {}
+
+        def move(value: Any) -> Any:
+            if id(value) in moved:
+                return moved[id(value)]
+            if isinstance(value, torch.Tensor):
+                result = value.to(device)
+            elif isinstance(value, (tuple, list)):
+                result = type(value)(move(v) for v in value)
+            elif type(value) is dict:
+                result = {k: move(v) for k, v in value.items()}
+            else:
+                result = value
+            moved[id(value)] = result
+            return result
+
+        if all(h.device == torch.device(device) for h in self.hidden) and not _has_tensor_off(self.calls, device):
+            return self
+        return BlockInputs([move(h) for h in self.hidden], [[move(call) for call in calls] for calls in self.calls])
+
     def call_args(self, block: int, batch: int) -> Call:
         """``(args, kwargs)`` block ``block`` is called with (after its hidden state) in batch ``batch``."""
         return self.calls[batch][block]
@@ -77,6 +99,20 @@ class StandIn(nn.Module):
             if block is None:
                 raise
             return getattr(block, name)
+
+
+class Replay(StandIn):
+    """Stands in for a decoder block: returns its input unchanged, or ``output`` when set (the last block's
+    output of a computed or cached pass), in the format the real block returns."""
+
+    def __init__(self, block: nn.Module, as_tuple: Optional[bool], output: Optional[torch.Tensor] = None):
+        super().__init__(block)
+        self.as_tuple = bool(as_tuple)
+        self.output = output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.output is None else self.output
+        return (out,) if self.as_tuple else out
 
 
 @contextmanager
@@ -187,6 +223,16 @@ class _CaptureRecorder:
                 recent.append(tensor)
         self._seen[id(tensor)] = (tensor, stored)
         return stored
+
+
+def _has_tensor_off(value: Any, device: torch.device) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.device != torch.device(device)
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor_off(v, device) for v in value)
+    if type(value) is dict:
+        return any(_has_tensor_off(v, device) for v in value.values())
+    return False
 
 
 def _same(a: Any, b: Any) -> bool:

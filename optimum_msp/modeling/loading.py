@@ -103,13 +103,29 @@ def resolve_model_path(name_or_path: Union[str, Path]) -> str:
     return str(destination)
 
 
-def load_model(
-    name_or_path: Union[str, Path], dtype: Optional[torch.dtype] = torch.float32, **kwargs
-) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` that also understands bundled aliases."""
+DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Union[str, torch.dtype]:
+    """``"auto"`` (the checkpoint's own dtype), a name in :data:`DTYPES`, or a ``torch.dtype``."""
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
+    return DTYPES[dtype]
+
+
+def load_model(name_or_path: Union[str, Path], dtype: Union[str, torch.dtype, None] = "auto",
+               **kwargs) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` that also understands bundled aliases; in the checkpoint's own
+    dtype by default (a bf16 checkpoint stays bf16: half the memory of fp32, and saved back as bf16).
+    ``device_map=`` / ``offload_folder=`` are transformers' own (accelerate offload to CPU or disk)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=parse_dtype(dtype),
+                                                 **kwargs)
     return model.eval()
 
 

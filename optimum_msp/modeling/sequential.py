@@ -22,9 +22,10 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from .blocks import find_decoder_blocks
-from .capture import BlockInputs, StandIn, capture_block_inputs, swapped_blocks
+from .capture import BlockInputs, Replay, StandIn, capture_block_inputs, swapped_blocks
+from .offload import compute_device, onloaded
 
-__all__ = ["BlockDone", "BlockInputs", "BlockRunner", "InputStatistics", "StandIn", "batched", "block_output",
+__all__ = ["BlockDone", "BlockInputs", "BlockRunner", "InputStatistics", "StandIn", "batched", "block_output", "input_device",
            "forward_with_statistics", "swapped_blocks"]
 
 logger = logging.getLogger(__name__)
@@ -45,11 +46,18 @@ def batched(input_ids: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
 
 
 class BlockRunner:
-    """Runs calibration data through a model's decoder blocks, one block at a time."""
+    """Runs calibration data through a model's decoder blocks, one block at a time, on a compute ``device``.
 
-    def __init__(self, model: nn.Module, block_name: Optional[str] = None):
+    The activations live on ``device`` (default: where the model computes); a block held elsewhere (the model on
+    the host, a GPU to compute on) is moved there for its forward and back afterwards, and offloaded blocks are
+    loaded by accelerate's hooks: one block's weights on the compute device at a time.
+    """
+
+    def __init__(self, model: nn.Module, block_name: Optional[str] = None,
+                 device: Optional[torch.device] = None):
         self.model = model
         self.block_prefix, self.blocks = find_decoder_blocks(model, block_name)
+        self.device = compute_device(model, device)
         #: whether a block returns a tuple (older transformers) rather than a tensor; known after a capture
         self.returns_tuple: Optional[bool] = None
 
@@ -58,9 +66,9 @@ class BlockRunner:
         """Run ``input_ids`` ([samples, seqlen]) through the model, every block replaced by a recording
         pass-through (no block computes anything); keep the first block's hidden states and every block's
         other arguments."""
-        batches = [batch.to(_input_device(self.model)) for batch in batched(input_ids, batch_size)]
+        batches = [batch.to(input_device(self.model)) for batch in batched(input_ids, batch_size)]
         inputs, self.returns_tuple = capture_block_inputs(self.model, self.blocks, batches, self.returns_tuple)
-        return inputs
+        return inputs.to(self.device)
 
     @torch.no_grad()
     def run_block(
@@ -72,30 +80,45 @@ class BlockRunner:
         ``hidden`` replaces ``inputs.hidden`` (same batches, other hidden states: the MSP fitness replays
         cached states of a candidate plan with the captured masks and position arguments).
         """
-        block = self.blocks[index]
         hidden = inputs.hidden if hidden is None else hidden
         outputs = []
-        for j in range(len(inputs)):
-            if on_batch is not None:
-                on_batch(j)
-            args, kwargs = inputs.call_args(index, j)
-            try:
-                out = block_output(block(hidden[j], *args, **kwargs))
-            except BlockDone:
+        with onloaded(self.blocks[index], self.device) as block:
+            for j in range(len(inputs)):
+                if on_batch is not None:
+                    on_batch(j)
+                args, kwargs = inputs.call_args(index, j)
+                try:
+                    out = block_output(block(hidden[j], *args, **kwargs))
+                except BlockDone:
+                    if keep:
+                        raise
+                    continue
                 if keep:
-                    raise
-                continue
-            if keep:
-                outputs.append(out)
+                    outputs.append(out)
         return outputs
 
     @torch.no_grad()
     def advance(self, index: int, inputs: BlockInputs) -> None:
         """Replace ``inputs`` in place by what block ``index`` outputs (one block's activations alive)."""
-        block = self.blocks[index]
-        for j in range(len(inputs)):
-            args, kwargs = inputs.call_args(index, j)
-            inputs.hidden[j] = block_output(block(inputs.hidden[j], *args, **kwargs))
+        with onloaded(self.blocks[index], self.device) as block:
+            for j in range(len(inputs)):
+                args, kwargs = inputs.call_args(index, j)
+                inputs.hidden[j] = block_output(block(inputs.hidden[j], *args, **kwargs))
+
+    def head(self, final_hidden: torch.Tensor, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        """The model's output (logits, and the loss with ``labels``) for a last block's output ``final_hidden``.
+
+        The model's own forward runs with every block replaced by a pass-through and the last one returning
+        ``final_hidden``, so the final norm, the head and the loss are the model's, whatever the architecture.
+        They run where the model keeps them (the host, when blocks are computed on a GPU); gradients flow back
+        to ``final_hidden`` when it requires them.
+        """
+        home = input_device(self.model)
+        replays = [Replay(block, self.returns_tuple) for block in self.blocks]
+        replays[-1].output = final_hidden.to(home)
+        with swapped_blocks(self.blocks, replays):
+            return self.model(input_ids=input_ids.to(home), labels=None if labels is None else labels.to(home),
+                              use_cache=False)
 
     def walk(self, inputs: BlockInputs, desc: str = "Blocks", start: int = 0) -> Iterator[Tuple[int, nn.Module]]:
         """Yield ``(index, block)``; after the caller is done with a block, its outputs become the next inputs."""
@@ -106,12 +129,17 @@ class BlockRunner:
                 self.advance(index, inputs)
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model takes its input ids: the device of its input embeddings, or where accelerate executes
+    them when they are offloaded."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
         if embeddings.weight.device.type != "meta":
             return embeddings.weight.device
-    return next(p.device for p in model.parameters() if p.device.type != "meta")
+        hook = getattr(embeddings, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+    return compute_device(model)
 
 
 class InputStatistics:

@@ -9,7 +9,7 @@ from typing import Dict, Iterator, Optional
 import torch
 from torch import nn
 
-from .blocks import weight_matrix
+from .offload import read_matrix, write_matrix
 
 
 class WeightSnapshot:
@@ -25,13 +25,13 @@ class WeightSnapshot:
     def __init__(self, modules: Dict[str, nn.Module]):
         self.modules = modules
         self.weights: Dict[str, torch.Tensor] = {
-            name: weight_matrix(module).detach().clone() for name, module in modules.items()
+            name: read_matrix(module).detach().clone() for name, module in modules.items()
         }
 
     @torch.no_grad()
     def restore(self) -> None:
         for name, module in self.modules.items():
-            weight_matrix(module).copy_(self.weights[name])
+            write_matrix(module, self.weights[name])
 
     def nbytes(self) -> int:
         return sum(weight.numel() * weight.element_size() for weight in self.weights.values())

@@ -7,7 +7,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from ...modeling.blocks import weight_matrix
+from ...modeling.offload import write_matrix
 from ...modeling.weights import WeightSnapshot
 from ...plan import LayerTarget
 from ...pruners.base import Pruner
@@ -58,7 +58,7 @@ class WeightBank:
         """Put the pruned weight for ``target`` into the model (no-op if it is there already)."""
         if self.loaded.get(name) == target:
             return
-        weight_matrix(self.modules[name]).copy_(self.weight(name, target))
+        write_matrix(self.modules[name], self.weight(name, target))
         self.loaded[name] = target
 
     @torch.no_grad()

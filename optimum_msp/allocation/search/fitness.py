@@ -20,22 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...modeling.sequential import BlockInputs, BlockRunner, StandIn, swapped_blocks
+from ...modeling.sequential import BlockInputs, BlockRunner
 from ..levels import Genome, LevelSpace
 from .bank import WeightBank
-
-
-class _Replay(StandIn):
-    """Stands in for a decoder block: returns its input, or for the last block the cached output."""
-
-    def __init__(self, block: nn.Module, output: Optional[torch.Tensor], as_tuple: bool):
-        super().__init__(block)
-        self.output = output
-        self.as_tuple = as_tuple
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out = hidden_states if self.output is None else self.output
-        return (out,) if self.as_tuple else out
 
 
 class FitnessEvaluator:
@@ -57,7 +44,6 @@ class FitnessEvaluator:
         # every block's own arguments (masks, position embeddings differ between layer types), replayed by
         # runner.run_block with the hidden states of a candidate plan
         self.inputs: BlockInputs = runner.capture(fitness_ids, batch_size)
-        self.as_tuple = bool(runner.returns_tuple)
         self.block_units: Dict[int, List[int]] = {}
         for unit, block in enumerate(space.unit_blocks):
             self.block_units.setdefault(block, []).append(unit)
@@ -98,16 +84,8 @@ class FitnessEvaluator:
 
     @torch.no_grad()
     def _logits(self, final_hidden: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Run the model's head on cached last-block outputs by replaying them through its forward."""
-        blocks = self.runner.blocks
-        replays = [_Replay(block, None, self.as_tuple) for block in blocks]
-        logits = []
-        with swapped_blocks(blocks, replays):
-            for j, ids in enumerate(self.batches):
-                replays[-1].output = final_hidden[j]
-                on_device = ids.to(final_hidden[j].device)
-                logits.append(self.runner.model(input_ids=on_device, use_cache=False).logits.float())
-        return logits
+        """Run the model's head on cached last-block outputs (see :meth:`BlockRunner.head`)."""
+        return [self.runner.head(final_hidden[j], ids).logits.float() for j, ids in enumerate(self.batches)]
 
     def _loss(self, logits: List[torch.Tensor]) -> float:
         total, count = 0.0, 0
