@@ -1,0 +1,120 @@
+"""Memory and time of a prune as the model grows, held in memory or offloaded to disk.
+
+Randomly initialised LLaMA-architecture models of about 135M, 500M and 1.1B parameters are built from configs
+below and saved once in bf16 (memory and time do not depend on the weight values; quality numbers come from
+SmolLM2 only, see allocation.py). Each row runs in its own process and records the peak resident memory of that
+process (``ru_maxrss``), the time of each stage and the commit; rows are appended to bench/results/scaling.jsonl.
+
+Calibration is random token ids (no tokenizer is involved): ``--samples`` windows of ``--seqlen`` tokens.
+
+    python bench/scaling.py --threads 1 --rows 135m:wanda:uniform:memory 135m:wanda:uniform:disk
+    python bench/scaling.py --threads 1 --rows 1.1b:sparsegpt:uniform:disk
+    python bench/scaling.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, append_result, markdown_table, peak_rss_mb, read_results, run_rows, set_threads  # noqa
+
+OUT = RESULTS / "scaling.jsonl"
+MODELS = RESULTS / "scratch" / "models"  # built once, never committed (bench/results/scratch/ is ignored)
+SIZES = {  # LLaMA configs: SmolLM2-135M's shape, a Qwen2-0.5B-like one, TinyLlama-1.1B's
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "500m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=32, num_attention_heads=16,
+                 num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False),
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+}
+COLUMNS = ["size", "params_m", "method", "allocation", "where", "samples", "seqlen", "load_s", "allocation_s",
+           "prune_s", "peak_rss_mb", "block_weights_mb", "calibration_mb", "threads", "commit"]
+
+
+def model_folder(size: str) -> Path:
+    """The saved bf16 random model of ``size`` (built on first use)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = MODELS / size
+    if not (folder / "config.json").is_file():
+        config = LlamaConfig(max_position_embeddings=4096, **SIZES[size])
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(folder)
+    return folder
+
+
+def run_row(row: str, args) -> None:
+    import torch
+
+    from optimum_msp import MSPConfig, MSPPruner
+
+    set_threads(args.threads)
+    size, method, allocation, where = row.split(":")
+    folder = model_folder(size)
+    kwargs = {}
+    if where == "disk":  # every decoder block on disk; embeddings, final norm and head in memory
+        import json
+
+        config = json.loads((folder / "config.json").read_text())
+        device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+        device_map.update({f"model.layers.{i}": "disk" for i in range(config["num_hidden_layers"])})
+        kwargs = dict(device_map=device_map, offload_folder=tempfile.mkdtemp(prefix="msp-offload-"))
+    started = time.perf_counter()
+    pruner = MSPPruner.from_pretrained(folder, **kwargs)
+    load_s = time.perf_counter() - started
+    model = pruner.model
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    calibration = torch.randint(0, vocab, (args.samples, args.seqlen), generator=generator)
+    fitness = torch.randint(0, vocab, (2, 128), generator=generator)
+    config = MSPConfig(method=method, sparsity=0.5, allocation=allocation, fisher_samples=min(2, args.samples),
+                       fisher_seqlen=min(128, args.seqlen), population_size=4, generations=1)
+    pruner.prune(config, calibration=calibration, fitness_ids=fitness)
+    hidden = model.config.hidden_size
+    layer = model.model.layers[0]
+    block_bytes = sum(p.numel() for p in layer.parameters()) * 2  # bf16
+    result = {
+        "row": row, "size": size, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6),
+        "method": method, "allocation": allocation, "where": where, "samples": args.samples, "seqlen": args.seqlen,
+        "load_s": round(load_s, 1), "allocation_s": pruner.report["allocation_seconds"],
+        "prune_s": pruner.report["prune_seconds"], "peak_rss_mb": round(peak_rss_mb()),
+        "block_weights_mb": round(block_bytes / 2**20), "threads": args.threads,
+        # the calibration activations one block holds: the hidden states of every window, in the model's dtype
+        "calibration_mb": round(args.samples * args.seqlen * hidden * 2 / 2**20),
+        "report": pruner.report,
+    }
+    append_result(Path(args.output), result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=[f"{s}:{m}:uniform:{w}" for s in SIZES
+                                                      for m in ("wanda", "sparsegpt") for w in ("memory", "disk")],
+                        help="size:method:allocation:memory|disk")
+    parser.add_argument("--samples", type=int, default=8, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default=str(OUT))
+    parser.add_argument("--table", action="store_true")
+    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.table:
+        print(markdown_table(read_results(Path(args.output)), COLUMNS))
+        return
+    if args.single:
+        run_row(args.single, args)
+        return
+    run_rows(__file__, args.rows, sys.argv[1:])
+    print(markdown_table(read_results(Path(args.output)), COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
