@@ -104,15 +104,16 @@ def wikitext_perplexity(model, tokenizer, windows) -> Dict:
     so full rows compare with the sweep rows without a second pass."""
     import math
 
-    from optimum_msp.data import evaluation_windows
+    from optimum_msp.data import evaluation_windows, resolve_bos
     from optimum_msp.evaluation import evaluation_ids, window_nlls
 
     ids = evaluation_ids(tokenizer, "wikitext2", "test")
+    bos_token_id = resolve_bos("auto", tokenizer)  # SmolLM2: None (its tokenizer adds no BOS)
     model.eval()
     with Timer() as timer:
-        nlls = window_nlls(model, evaluation_windows(ids, 2048, windows))
+        nlls = window_nlls(model, evaluation_windows(ids, 2048, windows, bos_token_id))
     result = {"ppl": math.exp(nlls.mean().item()), "eval_windows": windows or f"all ({len(nlls)})",
-              "eval_s": timer.wall, "eval_cpu_s": timer.cpu}
+              "eval_s": timer.wall, "eval_cpu_s": timer.cpu, "bos": bos_token_id is not None}
     if windows is None or windows > SWEEP_WINDOWS:
         result["ppl_16"] = math.exp(nlls[:SWEEP_WINDOWS].mean().item())
     return result

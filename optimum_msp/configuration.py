@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .allocation import ALLOCATORS, Budget
+from .data import BOS_CHOICES
 from .options import FieldSpec, Options, option
 from .pruners import PRUNERS
 
@@ -70,7 +71,12 @@ class RunOptions(Options):
     calibration_split: Optional[str] = option(
         None, "split to calibrate on (default: validation for wikitext2, train for c4)", optional=True)
     num_calibration_samples: int = option(32, "random calibration windows", kind=int, low=1)
-    seqlen: int = option(2048, "tokens per calibration window", kind=int, low=1)
+    seqlen: int = option(2048, "tokens per calibration window, the BOS token included when there is one",
+                         kind=int, low=1)
+    bos: str = option(
+        "auto", "start every window the model is fed (calibration, Fisher, search fitness, perplexity) with the "
+        "tokenizer's BOS token: auto = when the tokenizer adds one to a plain encode (as lm-eval does), always, or "
+        "never (the literature protocol of the LLaMA tables)", choices=BOS_CHOICES)
     seed: int = option(0, "seed of the calibration windows, the held-out windows and the search", kind=int,
                        low=0, high=2**32 - 1)
     targets: List[str] = option(

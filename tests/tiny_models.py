@@ -90,3 +90,36 @@ class CharTokenizer:
             input_ids = torch.tensor([[ord(c) % VOCAB for c in text]])
 
         return Out()
+
+
+#: the special tokens of :func:`word_tokenizer` (ids 0-2); its words are ``w0`` ... ``w{WORDS - 1}`` (ids 3 ...)
+SPECIALS = ("<unk>", "<bos>", "<eos>")
+WORDS = 60
+
+
+def word_tokenizer(adds_bos: bool, has_bos: bool = True):
+    """A word-level ``PreTrainedTokenizerFast`` built offline, ids inside the tiny models' vocabulary.
+
+    ``adds_bos``: a ``TemplateProcessing`` post-processor puts ``<bos>`` first in every plain encode (LLaMA-2,
+    Gemma); without it the tokenizer still names a BOS token but never adds it (GPT-2, SmolLM2). ``has_bos=False``:
+    no BOS token at all.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(SPECIALS + tuple(f"w{i}" for i in range(WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
+    specials = dict(eos_token="<eos>", unk_token="<unk>", **({"bos_token": "<bos>"} if has_bos else {}))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+
+def word_corpus(path, words: int = 3_000, seed: int = 0):
+    """A text file of ``words`` random words of :func:`word_tokenizer` (one token each; 12 per line)."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = [f"w{int(i)}" for i in torch.randint(0, WORDS, (words,), generator=generator)]
+    path.write_text("\n".join(" ".join(tokens[i : i + 12]) for i in range(0, words, 12)) + "\n")
+    return path

@@ -165,7 +165,8 @@ def _block_backward(runner: BlockRunner, index: int, inputs, block_input: torch.
 @dataclass
 class FisherOptions(LevelOptions):
     fisher_samples: int = option(16, "the Fisher trace uses the first this many calibration windows", kind=int, low=1)
-    fisher_seqlen: int = option(512, "... and their first this many tokens", kind=int, low=1)
+    fisher_seqlen: int = option(512, "... and their first this many tokens (their BOS, when they start with one, "
+                                "included)", kind=int, low=1)
 
 
 def fisher_sensitivity(context: AllocationContext) -> Tuple[Dict[str, float], Dict[str, float]]:

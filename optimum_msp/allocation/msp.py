@@ -30,7 +30,8 @@ class SearchOptions(FisherOptions):
     fitness: str = option("ppl", "MSP search objective on held-out calibration text: mean next-token NLL of the "
                           "pruned model (ppl) or KL divergence to the dense model (kl)", choices=("ppl", "kl"))
     fitness_samples: int = option(4, "held-out windows the search's fitness is measured on", kind=int, low=1)
-    fitness_seqlen: int = option(256, "tokens per fitness window", kind=int, low=1)
+    fitness_seqlen: int = option(256, "tokens per fitness window, the BOS included when the bos rule adds one",
+                                 kind=int, low=1)
     search_statistics: str = option(
         "auto", "input statistics the search's pruned weights come from: of the dense model (dense), or as a "
         "sequential prune with the Fisher seed plan gathers them (seed); auto: seed for pruners that update the "

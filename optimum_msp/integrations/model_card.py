@@ -21,15 +21,23 @@ FITNESS_UNITS = {"ppl": "the mean next-token NLL (nats per token)", "kl": "the K
                  "(nats per token)"}
 
 
-def perplexity_result(value: float, dataset: str = "wikitext2", split: str = "test", seqlen: int = 2048) -> EvalResult:
-    """An ``EvalResult`` for WikiText-2 perplexity measured as :func:`optimum_msp.evaluation.perplexity` does."""
+def perplexity_result(value: float, dataset: str = "wikitext2", split: str = "test", seqlen: int = 2048,
+                      bos: Optional[bool] = None) -> EvalResult:
+    """An ``EvalResult`` for WikiText-2 perplexity measured as :func:`optimum_msp.evaluation.perplexity` does.
+
+    ``bos``: whether the windows started with the BOS token (``perplexity_report(...)["bos"]``), named in the
+    metric so that a BOS number is not read against the literature's no-BOS tables; ``None``: not said."""
     names = {"wikitext2": ("wikitext", "WikiText-2 (raw)", "wikitext-2-raw-v1")}
     dataset_type, dataset_name, dataset_config = names.get(dataset, (dataset, dataset, None))
     return EvalResult(
         task_type="text-generation", task_name="Language modelling", dataset_type=dataset_type,
         dataset_name=dataset_name, dataset_config=dataset_config, dataset_split=split, metric_type="perplexity",
-        metric_name=f"Perplexity (seqlen {seqlen})", metric_value=float(value),
+        metric_name=f"Perplexity (seqlen {seqlen}{_BOS_NAMES[None if bos is None else bool(bos)]})",
+        metric_value=float(value),
     )
+
+
+_BOS_NAMES = {None: "", True: ", BOS first in each window", False: ", no BOS"}
 
 
 def _as_eval_result(result: Result) -> EvalResult:

@@ -31,6 +31,26 @@ def test_wikitext_protocol_token_count(pruner):
 
 
 @pytest.mark.skipif(local_data_dir() is None, reason="needs ../shared/data")
+def test_bos_auto_is_the_literature_protocol_for_smollm2(pruner):
+    """SmolLM2's tokenizer names a BOS (<|im_start|>) but never adds it: bos="auto" leaves every window as the
+    benchmarks measured it (same calibration draws, same evaluation windows, same perplexity)."""
+    from optimum_msp.data import evaluation_windows, resolve_bos, sample_starts, take_windows, tokenizer_adds_bos
+
+    tokenizer = pruner.tokenizer
+    assert tokenizer.bos_token_id is not None and tokenizer("x").input_ids == [104]
+    assert not tokenizer_adds_bos(tokenizer) and resolve_bos("auto", tokenizer) is None
+    ids = evaluation_ids(tokenizer, "wikitext2", "test")
+    windows = evaluation_windows(ids, 2048, None, resolve_bos("auto", tokenizer))
+    assert torch.equal(windows, evaluation_windows(ids, 2048))
+    calibration = calibration_windows(tokenizer, "wikitext2", num_samples=4, seqlen=256, seed=0)
+    text = evaluation_ids(tokenizer, "wikitext2", "validation")
+    assert torch.equal(calibration, take_windows(text, sample_starts(text.shape[1], 4, 256, 0), 256))
+    short = ids[:, :1024]
+    assert perplexity(pruner.model, tokenizer, input_ids=short, seqlen=512) == perplexity(
+        pruner.model, input_ids=short, seqlen=512, bos="never")
+
+
+@pytest.mark.skipif(local_data_dir() is None, reason="needs ../shared/data")
 def test_wanda_2of4_on_the_real_model(pruner, tmp_path):
     ids = evaluation_ids(pruner.tokenizer, "wikitext2", "test")[:, :1024]
     dense = perplexity(pruner.model, input_ids=ids, seqlen=512)

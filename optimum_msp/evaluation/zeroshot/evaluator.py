@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
+from ...data import tokenizer_adds_bos
 from .data import Limit, load_task_docs
 from .registry import LOGLIKELIHOOD, get_task
 from .results import TaskResult, ZeroShotResults, mean, mean_stderr, perplexity, perplexity_stderr
@@ -85,6 +86,8 @@ def evaluate_tasks(
         "max_batch_tokens": max_batch_tokens,
         "share_context": share_context,
         "num_fewshot": 0,
+        # contexts start with BOS exactly when the tokenizer adds one by default (lm-eval's add_bos_token unset)
+        "bos": tokenizer_adds_bos(tokenizer),
         "model": getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__,
     }
     return ZeroShotResults(results, config)
