@@ -89,11 +89,11 @@ class MSPPruner:
         there is a tokenizer), else windows drawn from the config's dataset with its seed."""
         if ids is not None:
             return CalibrationData.given(ids, self.tokenizer, config.calibration_dataset, config.calibration_split,
-                                         config.seed, held_out_ids)
+                                         config.seed, held_out_ids, bos=config.bos)
         if self.tokenizer is None:
             raise ValueError("Calibration needs a tokenizer: pass tokenizer= to MSPPruner (or calibration=).")
         data = CalibrationData.draw(self.tokenizer, config.calibration_dataset, config.num_calibration_samples,
-                                    config.seqlen, config.seed, config.calibration_split)
+                                    config.seqlen, config.seed, config.calibration_split, bos=config.bos)
         data.held_out_ids = held_out_ids
         return data
 

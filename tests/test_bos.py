@@ -174,8 +174,6 @@ def test_every_window_of_an_msp_prune_follows_auto_and_the_plan_records_it(tmp_p
     assert json.loads((tmp_path / "out" / "msp_config.json").read_text())["bos"] == "auto"
 
 
-@pytest.mark.xfail(reason="MSPPruner.calibration (pruner.py) does not pass config.bos to CalibrationData yet",
-                   strict=False)
 def test_config_bos_reaches_the_calibration(tmp_path):
     corpus = str(word_corpus(tmp_path / "corpus.txt"))
     pruner = MSPPruner(tiny_model("llama"), word_tokenizer(adds_bos=True))

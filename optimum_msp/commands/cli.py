@@ -18,6 +18,7 @@ def _prune(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint.marker import is_pruned_checkpoint
+    from ..data import resolve_bos
     from ..evaluation import perplexity
     from ..integrations.model_card import perplexity_result
     from ..pruner import MSPPruner
@@ -42,14 +43,17 @@ def _prune(args: argparse.Namespace) -> int:
     card_results = []
     if args.eval_windows != 0:
         windows = None if args.eval_windows < 0 else args.eval_windows
+        # the windows start the way the calibration ones did (config.bos; "never" is the literature protocol)
         result["wikitext2_test_ppl"] = perplexity(pruner.model, pruner.tokenizer, "wikitext2", "test",
-                                                  seqlen=config.seqlen, max_windows=windows)
+                                                  seqlen=config.seqlen, max_windows=windows, bos=config.bos)
         result["eval_windows"] = "all" if windows is None else windows
+        result["bos"] = resolve_bos(config.bos, pruner.tokenizer) is not None
         # every measured number goes to the folder's report.json; only a whole-split one into the card's model-index
         pruner.report["evaluation"] = {"wikitext2_test_ppl": result["wikitext2_test_ppl"],
-                                       "windows": result["eval_windows"], "seqlen": config.seqlen}
+                                       "windows": result["eval_windows"], "seqlen": config.seqlen, "bos": result["bos"]}
         if windows is None:
-            card_results.append(perplexity_result(result["wikitext2_test_ppl"], seqlen=config.seqlen))
+            card_results.append(perplexity_result(result["wikitext2_test_ppl"], seqlen=config.seqlen,
+                                                  bos=result["bos"]))
     if args.output:
         compact = False if args.compact == "none" else args.compact  # "sparse" / "deflate": save_pruned's modes
         pruner.save_pretrained(args.output, compact=compact, results=card_results, overwrite=args.overwrite)
@@ -76,8 +80,10 @@ def _perplexity(args: argparse.Namespace) -> int:
         "Perplexity of %s on %s/%s: %s windows of %d tokens (a progress bar shows the time left; --windows N "
         "evaluates the first N only)", args.model, args.dataset, args.split, "all" if windows is None else windows,
         args.seqlen)
-    value = perplexity(model, tokenizer, args.dataset, args.split, seqlen=args.seqlen, max_windows=windows)
-    print(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split, "perplexity": value}))
+    value = perplexity(model, tokenizer, args.dataset, args.split, seqlen=args.seqlen, max_windows=windows,
+                       bos=args.bos)
+    print(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split, "bos": args.bos,
+                      "perplexity": value}))
     return 0
 
 
@@ -157,6 +163,9 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--windows", type=int, default=-1,
                      help="first N windows only (default -1: the whole split, 148 windows of WikiText-2 test)")
     ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ppl.add_argument("--bos", default="auto", choices=["auto", "always", "never"],
+                     help="start every window with the BOS token: auto (when the tokenizer adds one), always, or "
+                          "never (the literature protocol of published LLaMA tables) (default: auto)")
     _add_device_arguments(ppl)
     ppl.set_defaults(func=_perplexity)
 

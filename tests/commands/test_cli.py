@@ -45,7 +45,7 @@ def test_whole_split_perplexity_goes_into_the_model_card(tmp_path, capsys, monke
     assert ModelCard.load(tmp_path / "partial" / "README.md").data.eval_results is None
     # the partial-window number is kept, in the folder's run report
     report = json.loads((tmp_path / "partial" / "report.json").read_text())
-    assert report["evaluation"] == {"wikitext2_test_ppl": 12.5, "windows": 16, "seqlen": 2048}
+    assert report["evaluation"] == {"wikitext2_test_ppl": 12.5, "windows": 16, "seqlen": 2048, "bos": False}
 
 
 def test_bad_input_exits_with_a_message(tmp_path, capsys):
