@@ -62,6 +62,31 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from ..estimate import estimate_memory
+    from ..modeling import resolve_model_path
+
+    config = config_from_args(args)
+    model_config = AutoConfig.from_pretrained(resolve_model_path(args.model)).to_dict()
+    estimate = estimate_memory(
+        model_config, method=config.method, allocation=config.allocation,
+        num_calibration_samples=config.num_calibration_samples, seqlen=config.seqlen, batch_size=config.batch_size,
+        dtype=args.dtype, offloaded=args.offloaded, fisher_seqlen=config.fisher_seqlen,
+        search_cache_mb=config.search_cache_mb, fitness_samples=config.fitness_samples,
+        fitness_seqlen=config.fitness_seqlen, population_size=config.population_size,
+        generations=config.generations)
+    print(f"Expected peak host memory of `optimum-msp prune {args.model}` ({config.method}/{config.allocation}, "
+          f"{'blocks offloaded to disk' if args.offloaded else 'in memory'}):\n")
+    print(estimate.table())
+    if args.max_memory is not None:
+        fits = estimate.total <= args.max_memory * 2**30
+        print(f"\n{'fits' if fits else 'does NOT fit'} in --max-memory {args.max_memory:g} GiB")
+        return 0 if fits else 1
+    return 0
+
+
 def _perplexity(args: argparse.Namespace) -> int:
     import torch
 
@@ -136,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     """``prune`` and ``perplexity``; shared by ``optimum-msp`` and ``optimum-cli msp``."""
-    sub = parser.add_subparsers(dest="msp_command", metavar="{prune,perplexity}")
+    sub = parser.add_subparsers(dest="msp_command", metavar="{prune,estimate,perplexity}")
     parser.set_defaults(func=lambda args: _usage(parser))
     prune = sub.add_parser("prune", help="prune a model and save it (plan in config.json)")
     prune.add_argument("model", nargs="?", default="smollm2-135m",
@@ -155,6 +180,16 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     _add_device_arguments(prune)
     add_config_arguments(prune)
     prune.set_defaults(func=_prune)
+    estimate = sub.add_parser("estimate", help="expected peak memory of a prune, from the model's config alone")
+    estimate.add_argument("model", nargs="?", default="smollm2-135m", help="Hub id, local folder or alias")
+    estimate.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                          help="dtype the weights would be loaded in (default: auto, the checkpoint's own)")
+    estimate.add_argument("--offloaded", action="store_true",
+                          help="the decoder blocks offloaded to disk (--device-map with 'disk' entries)")
+    estimate.add_argument("--max-memory", type=float, default=None,
+                          help="GiB available: exit 1 when the estimate exceeds it")
+    add_config_arguments(estimate)
+    estimate.set_defaults(func=_estimate)
     ppl = sub.add_parser("perplexity", help="perplexity of a (pruned) model")
     ppl.add_argument("model", nargs="?", default="smollm2-135m", help="Hub id, local folder or alias")
     ppl.add_argument("--dataset", default="wikitext2", help="wikitext2 | c4 | a local .txt/.raw/.jsonl file")
