@@ -9,8 +9,8 @@ matplotlib is installed).
     python examples/mixed_sparsity_search.py                       # Wanda, 75 % unstructured, default search
     python examples/mixed_sparsity_search.py --method sparsegpt --pattern mixed-n:m --m 8 --sparsity 0.75 \
         --search-checkpoint out/search.json --output out/smollm2-sparsegpt-msp-2of8
-    python examples/mixed_sparsity_search.py --num-calibration-samples 4 --seqlen 256 --population-size 4 --generations 2 \
-        --eval-windows 2 --threads 2                               # a quick check (a few minutes)
+    python examples/mixed_sparsity_search.py --num-calibration-samples 4 --seqlen 256 --population-size 4 \
+        --generations 2 --eval-windows 2 --threads 2               # a quick check (a few minutes)
 
 An interrupted search resumes from ``--search-checkpoint`` and ends with the plan it would have found.
 """

@@ -16,6 +16,7 @@ and perplexity windows. ``"auto"`` (the default) prepends BOS when the tokenizer
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,7 +296,7 @@ class CalibrationData:
         given windows start with the tokenizer's BOS token (``None`` without a tokenizer: not known)."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
             raise ValueError("calibration= must be a [samples, seqlen] tensor of token ids.")
-        loader = None
+        loader: Optional[Callable[[], torch.Tensor]] = None
         bos_token_id, given_bos = None, None
         if tokenizer is not None:
             bos_token_id = resolve_bos(bos, tokenizer)
@@ -306,8 +307,7 @@ class CalibrationData:
                     "windows follow the bos setting.", "start" if given_bos else "do not start", bos,
                     "prepends it" if bos_token_id is not None else "leaves it out")
             if dataset is not None:
-                def loader():
-                    return calibration_text_ids(tokenizer, dataset, split)
+                loader = functools.partial(calibration_text_ids, tokenizer, dataset, split)
         return cls(ids, _recipe(dataset, split, ids, seed, given_bos), held_out_ids, loader, bos_token_id,
                    bool(given_bos))
 

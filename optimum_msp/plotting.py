@@ -99,7 +99,8 @@ def plot_plan(plan: SparsityPlan, path: Union[str, os.PathLike]) -> Path:
                 # the label sits just above its line, not on it
                 curve.annotate(label, (0, plan.search[key]), xycoords=("axes fraction", "data"),
                                xytext=(4, 2), textcoords="offset points", fontsize=7, color="gray", va="bottom")
-        shown = history + [plan.search[k] for k in ("uniform_fitness", "fisher_fitness") if plan.search.get(k) is not None]
+        marks = ("uniform_fitness", "fisher_fitness")
+        shown = history + [plan.search[k] for k in marks if plan.search.get(k) is not None]
         low, high = min(shown), max(shown)
         margin = 0.12 * (high - low) if high > low else 0.05 * abs(high) or 0.05
         curve.set_ylim(low - margin, high + margin)  # room for the labels above the highest line

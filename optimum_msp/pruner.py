@@ -189,7 +189,8 @@ class MSPPruner:
                 (Path(staging) / REPORT_NAME).write_text(json.dumps(self.report, indent=2, sort_keys=True) + "\n")
             if self.plan is not None:
                 figure = _write_plot(self.plan, Path(staging)) if plot else None
-                build_model_card(self.plan, self.base_model, results, plot_path=figure).save(Path(staging) / "README.md")
+                card = build_model_card(self.plan, self.base_model, results, plot_path=figure)
+                card.save(Path(staging) / "README.md")
         return Path(save_directory)
 
     def push_to_hub(self, repo_id: str, *, compact: Union[bool, str] = False, results: Iterable[Any] = (),

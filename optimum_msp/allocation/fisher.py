@@ -139,7 +139,8 @@ def _block_backward(runner: BlockRunner, index: int, inputs, block_input: torch.
     seen: Dict[str, list] = {name: [] for name in chosen}
     handles = []
     for name, module in chosen.items():
-        handles.append(module.register_forward_hook(lambda m, args, out, name=name: seen[name].append(args[0].detach())))
+        handles.append(module.register_forward_hook(
+            lambda m, args, out, name=name: seen[name].append(args[0].detach())))
         handles.append(module.register_full_backward_hook(
             lambda m, grad_in, grad_out, name=name: seen[name].append(grad_out[0].detach())))
     try:

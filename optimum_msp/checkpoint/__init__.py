@@ -10,6 +10,6 @@ from .save import compact_state_dict, encode_module, save_compact, save_pruned
 
 __all__ = [
     "CHECKPOINT_FORMATS", "COMPACT_MODES", "CompactFormatError", "MARKER_VERSION", "checkpoint_marker",
-    "compact_state_dict", "decode_layer", "encode_layer", "encode_module", "is_pruned_checkpoint", "mark_pruned", "save_compact",
-    "save_pruned", "verify_pruned",
+    "compact_state_dict", "decode_layer", "encode_layer", "encode_module", "is_pruned_checkpoint", "mark_pruned",
+    "save_compact", "save_pruned", "verify_pruned",
 ]

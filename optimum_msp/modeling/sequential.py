@@ -25,8 +25,8 @@ from .blocks import find_decoder_blocks
 from .capture import BlockInputs, Replay, StandIn, capture_block_inputs, swapped_blocks
 from .offload import compute_device, onloaded
 
-__all__ = ["BlockDone", "BlockInputs", "BlockRunner", "InputStatistics", "StandIn", "batched", "block_output", "input_device",
-           "forward_with_statistics", "swapped_blocks"]
+__all__ = ["BlockDone", "BlockInputs", "BlockRunner", "InputStatistics", "StandIn", "batched", "block_output",
+           "forward_with_statistics", "input_device", "swapped_blocks"]
 
 logger = logging.getLogger(__name__)
 

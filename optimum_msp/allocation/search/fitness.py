@@ -18,7 +18,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ...modeling.sequential import BlockInputs, BlockRunner
 from ..levels import Genome, LevelSpace
