@@ -34,7 +34,21 @@ SIZES = {  # LLaMA configs: SmolLM2-135M's shape, a Qwen2-0.5B-like one, TinyLla
                  num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
 }
 COLUMNS = ["size", "params_m", "method", "allocation", "where", "samples", "seqlen", "load_s", "allocation_s",
-           "prune_s", "peak_rss_mb", "block_weights_mb", "calibration_mb", "threads", "commit"]
+           "prune_s", "peak_rss_mb", "estimate_mb", "estimate/peak", "block_weights_mb", "calibration_mb", "threads",
+           "commit"]
+
+
+def with_estimate(row: dict) -> dict:
+    """The row with ``optimum_msp.estimate``'s expected peak for the same model and settings, and the ratio."""
+    from optimum_msp.estimate import estimate_memory
+
+    config = dict(SIZES[row["size"]], dtype="bfloat16")
+    estimate = estimate_memory(config, method=row["method"], allocation=row["allocation"],
+                               num_calibration_samples=row["samples"], seqlen=row["seqlen"],
+                               offloaded=row["where"] == "disk", fisher_seqlen=min(128, row["seqlen"]),
+                               population_size=4, generations=1, fitness_samples=2, fitness_seqlen=128)
+    mb = estimate.total / 2**20
+    return dict(row, estimate_mb=round(mb), **{"estimate/peak": round(mb / row["peak_rss_mb"], 2)})
 
 
 def model_folder(size: str) -> Path:
@@ -107,13 +121,13 @@ def main() -> None:
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.table:
-        print(markdown_table(read_results(Path(args.output)), COLUMNS))
+        print(markdown_table([with_estimate(row) for row in read_results(Path(args.output))], COLUMNS))
         return
     if args.single:
         run_row(args.single, args)
         return
     run_rows(__file__, args.rows, sys.argv[1:])
-    print(markdown_table(read_results(Path(args.output)), COLUMNS))
+    print(markdown_table([with_estimate(row) for row in read_results(Path(args.output))], COLUMNS))
 
 
 if __name__ == "__main__":
