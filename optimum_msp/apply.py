@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from . import checks
 from .modeling.blocks import weight_matrix
 from .modeling.sequential import BlockRunner, forward_with_statistics
 from .plan import LayerTarget
@@ -22,10 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def prune_layer(module: nn.Module, pruner: Pruner, stats, target: LayerTarget) -> float:
-    """Prune ``module`` in place to ``target``; return its achieved sparsity."""
+def prune_layer(module: nn.Module, pruner: Pruner, stats, target: LayerTarget, name: str = "") -> float:
+    """Prune ``module`` in place to ``target``; return its achieved sparsity. Non-finite inputs or a result that
+    misses the target raise (naming ``name``) before the weight is changed: see :mod:`optimum_msp.checks`."""
     weight = weight_matrix(module)
-    pruned = pruner.prune(weight.float(), stats, target)
+    pruned = checks.checked_prune(name, weight, pruner, stats, target)
     weight.copy_(pruned.to(weight.dtype))
     return float((weight == 0).sum()) / weight.numel()
 
@@ -50,7 +52,7 @@ def apply_targets(
         for block_layers in layers:
             for name, module in block_layers.items():
                 if name in targets:
-                    achieved[name] = prune_layer(module, pruner, None, targets[name])
+                    achieved[name] = prune_layer(module, pruner, None, targets[name], name)
         return achieved
     if calibration is None:
         raise ValueError(f"The {pruner.name!r} pruner needs calibration data.")
@@ -63,7 +65,7 @@ def apply_targets(
         if on_statistics is not None:
             on_statistics(stats)
         for name, module in chosen.items():
-            achieved[name] = prune_layer(module, pruner, stats[name], targets[name])
+            achieved[name] = prune_layer(module, pruner, stats[name], targets[name], name)
         del stats
     return achieved
 

@@ -56,6 +56,15 @@ class ScorePruner(Pruner):
 
     def mask(self, weight: torch.Tensor, stats: Optional[Any], target: LayerTarget) -> torch.Tensor:
         scores = self.scores(weight, stats)
+        if not bool(torch.isfinite(scores).all()):
+            # NaN ranks arbitrarily (kthvalue/sort put it anywhere): the mask would be silently meaningless
+            from ..checks import NonFiniteError
+
+            raise NonFiniteError(
+                f"{self.name or type(self).__name__} scores hold {int(torch.isnan(scores).sum()):,} NaN and "
+                f"{int(torch.isinf(scores).sum()):,} inf values (non-finite weights or input statistics); the "
+                "weights cannot be ranked."
+            )
         return nm_mask(scores, target.n, target.m) if target.is_nm else unstructured_mask(scores, target.sparsity)
 
     def prune(self, weight: torch.Tensor, stats: Optional[Any], target: LayerTarget) -> torch.Tensor:
