@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+from ..checks import check_finite_values
 from ..options import option
 from .base import ALLOCATORS, AllocationContext, AllocationResult, Budget
-from .cache import cache_path, fingerprint, write_atomically
+from .cache import UnhashableModelError, cache_path, fingerprint, write_atomically
 from .levels import Genome, LevelOptions, LevelSpace
 
 logger = logging.getLogger(__name__)
@@ -32,10 +33,23 @@ def fisher_traces(
     model: nn.Module, layers: Dict[str, nn.Module], ids: torch.Tensor, use_cache: bool = True
 ) -> Dict[str, float]:
     """Empirical Fisher trace of every layer in ``layers`` over the sequences of ``ids`` ([n, seqlen])."""
-    path = cache_path("fisher", fingerprint(model, layers, ids), ".json")
+    path = None
+    if use_cache:
+        try:
+            path = cache_path("fisher", fingerprint(model, layers, ids, "fisher"), ".json")
+        except UnhashableModelError as error:
+            logger.info("Fisher traces are not cached: %s", error)
+            use_cache = False
     if use_cache and path.is_file():
-        logger.info("Fisher traces read from cache %s", path)
-        return json.loads(path.read_text())
+        try:
+            cached = json.loads(path.read_text())
+            if set(cached) != set(layers):
+                raise ValueError("the entry was written for other layers")
+            check_finite_values("cached Fisher trace", cached)
+            logger.info("Fisher traces read from cache %s", path)
+            return cached
+        except Exception as error:  # a damaged entry costs a recomputation, never a failed prune
+            logger.warning("Ignoring the unreadable Fisher cache %s (%s); recomputing.", path, error)
 
     traces = {name: 0.0 for name in layers}
     flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
@@ -66,6 +80,8 @@ def fisher_traces(
             parameter.requires_grad_(flag)
             parameter.grad = None
         model.train(was_training)
+    # a NaN/inf trace (non-finite loss or gradients) would silently order the blocks arbitrarily
+    check_finite_values("Fisher trace (squared gradients of the calibration loss)", traces)
     if use_cache:
         write_atomically(path, lambda temporary: temporary.write_text(json.dumps(traces)))
     return traces
