@@ -9,7 +9,7 @@ from .integrations import transformers as _transformers_integration  # noqa: F40
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__version__ = "0.1.0.dev0"
+from .version import __version__  # noqa: E402
 __all__ = ["LayerTarget", "MSPConfig", "MSPPruner", "PlanError", "SparsityPlan", "SparsityPreservingCallback"]
 
 

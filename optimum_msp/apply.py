@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from . import checks
 from .modeling.offload import read_matrix, write_matrix
 from .modeling.sequential import BlockRunner, forward_with_statistics
 from .plan import LayerTarget
@@ -23,11 +24,12 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def prune_layer(module: nn.Module, pruner: Pruner, stats, target: LayerTarget,
-                device: Optional[torch.device] = None) -> float:
+                device: Optional[torch.device] = None, name: str = "") -> float:
     """Prune ``module`` in place to ``target`` (computed in fp32 on ``device``, stored in the weight's own dtype and
-    place, offloaded or not); return its achieved sparsity."""
+    place, offloaded or not); return its achieved sparsity. Non-finite inputs or a result that misses the target
+    raise (naming ``name``) before the weight is changed: see :mod:`optimum_msp.checks`."""
     weight = read_matrix(module)
-    pruned = pruner.prune(weight.to(device or weight.device).float(), stats, target).to(weight.dtype)
+    pruned = checks.checked_prune(name, weight.to(device or weight.device), pruner, stats, target).to(weight.dtype)
     write_matrix(module, pruned)
     return float((pruned == 0).sum()) / pruned.numel()
 
@@ -52,7 +54,7 @@ def apply_targets(
         for block_layers in layers:
             for name, module in block_layers.items():
                 if name in targets:
-                    achieved[name] = prune_layer(module, pruner, None, targets[name], runner.device)
+                    achieved[name] = prune_layer(module, pruner, None, targets[name], runner.device, name)
         return achieved
     if calibration is None:
         raise ValueError(f"The {pruner.name!r} pruner needs calibration data.")
@@ -65,7 +67,7 @@ def apply_targets(
         if on_statistics is not None:
             on_statistics(stats)
         for name, module in chosen.items():
-            achieved[name] = prune_layer(module, pruner, stats[name], targets[name], runner.device)
+            achieved[name] = prune_layer(module, pruner, stats[name], targets[name], runner.device, name)
         del stats
     return achieved
 

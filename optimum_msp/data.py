@@ -17,6 +17,7 @@ and perplexity windows. ``"auto"`` (the default) prepends BOS when the tokenizer
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,16 +45,72 @@ def _join_rows(rows) -> str:
     return "\n".join(rows)
 
 
-def _load_local_file(path: Path) -> str:
-    from datasets import load_dataset
+def _read_utf8(path: Path) -> str:
+    """The file's text (UTF-8, universal newlines, as ``datasets``' text builder reads it); a clear error otherwise."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise ValueError(f"{path} is empty: a calibration or evaluation text needs some text. Point the dataset at "
+                         "another file.")
+    if b"\x00" in data:
+        raise ValueError(f"{path} holds NUL bytes: it looks like a binary file, not text. Give a UTF-8 .txt/.raw or "
+                         ".jsonl file.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.start}, line {line}: {data[error.start:error.start + 1]!r}). "
+            "Re-encode it, e.g. `iconv -f latin1 -t utf-8`, or give another file."
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
+
+def _jsonl_texts(path: Path, text: str) -> List[str]:
+    """The ``"text"`` field of every row of a JSON Lines file (or of a JSON array of objects)."""
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a .json holding one array of rows
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}).") from None
+        numbered = list(enumerate(rows, 1)) if isinstance(rows, list) else [(1, rows)]
+        unit = "item"
+    else:
+        numbered = []
+        for number, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno}). Each "
+                                 "line of a .jsonl file must be one JSON object such as {\"text\": \"...\"}.") from None
+        unit = "line"
+    texts = []
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, {unit} {number}: expected a JSON object with a \"text\" field, got "
+                             f"{type(row).__name__}.")
+        if "text" not in row:
+            raise ValueError(f"{path}, {unit} {number}: no \"text\" field (fields: {sorted(row)}). Every row needs "
+                             "one; rename the field holding the text.")
+        if not isinstance(row["text"], str):
+            raise ValueError(f"{path}, {unit} {number}: \"text\" must be a string, got {type(row['text']).__name__}.")
+        texts.append(row["text"])
+    if not texts:
+        raise ValueError(f"{path} holds no rows: a calibration or evaluation text needs some text.")
+    return texts
+
+
+def _load_local_file(path: Path) -> str:
+    """The text of a local ``.txt``/``.raw`` (lines joined by newlines) or ``.jsonl``/``.json`` file (the rows'
+    ``"text"`` joined by blank lines). Read here rather than through ``datasets``, whose errors on a bad file
+    (``DatasetGenerationError``) name neither the file nor the problem."""
+    text = _read_utf8(path)
     if path.suffix in (".jsonl", ".json"):
-        dataset = load_dataset("json", data_files=str(path), split="train")
-        if "text" not in dataset.column_names:
-            raise ValueError(f"{path} has no 'text' field (columns: {dataset.column_names}).")
-        return "\n\n".join(dataset["text"])
-    dataset = load_dataset("text", data_files=str(path), split="train", keep_linebreaks=False)
-    return _join_rows(dataset["text"])
+        return "\n\n".join(_jsonl_texts(path, text))
+    # lines as the text builder splits them (str.splitlines), the final newline dropped
+    return _join_rows(text.splitlines())
 
 
 def load_text(dataset: str, split: str = "test", data_dir: Optional[Path] = None) -> str:
@@ -175,6 +232,17 @@ def sample_starts(
             f"The calibration text has {total} tokens, shorter than one window of seqlen={seqlen} (+1). "
             "Use a longer dataset or a smaller seqlen."
         )
+    if num_samples < 1 or seqlen < 1:
+        raise ValueError(f"Windows need num_samples >= 1 and seqlen >= 1, got {num_samples} and {seqlen}.")
+    distinct = total - seqlen  # starts are drawn from [0, total - seqlen)
+    if num_samples > distinct:
+        # more windows than places to start one: the draw would repeat windows (with replacement, as Wanda draws),
+        # i.e. weigh part of the text several times while pretending to use num_samples windows
+        raise ValueError(
+            f"{num_samples} windows of {seqlen} tokens were asked (num_calibration_samples / fitness_samples), but a "
+            f"text of {total} tokens has only {distinct} distinct window starts. Ask for at most {distinct} windows, "
+            "a smaller seqlen, or a longer text."
+        )
     generator = torch.Generator().manual_seed(seed)
     starts: List[int] = []
     taken = None if exclude is None else list(exclude)
@@ -238,6 +306,8 @@ def evaluation_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int
     With ``bos_token_id`` every window is that token then the next ``seqlen - 1`` text tokens (the text is cut
     every ``seqlen - 1`` tokens); without, ``seqlen`` text tokens (the literature protocol).
     """
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1:
+        raise ValueError(f"seqlen (tokens per evaluation window) must be a positive integer, got {seqlen!r}.")
     length = text_length(seqlen, bos_token_id)
     count = ids.shape[1] // length
     if count == 0:

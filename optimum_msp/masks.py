@@ -27,6 +27,15 @@ def _validate_nm(n: int, m: int) -> None:
         raise ValueError(f"N:M needs 0 <= N <= M (N = weights kept per group), got {n}:{m}.")
 
 
+def _matrix_shape(tensor: torch.Tensor, what: str):
+    """``(rows, cols)`` of an ``[out_features, in_features]`` tensor; anything else is a clear error (a 1-D norm
+    weight would otherwise fail with "not enough values to unpack")."""
+    if tensor.dim() != 2:
+        raise ValueError(f"{what} needs an [out_features, in_features] matrix, got a {tensor.dim()}-D tensor of "
+                         f"shape {tuple(tensor.shape)}; only linear layers are pruned.")
+    return tensor.shape
+
+
 def prune_count(in_features: int, sparsity: float) -> int:
     """How many weights an unstructured row of ``in_features`` loses at ``sparsity``."""
     return min(in_features, int(round(in_features * sparsity)))
@@ -41,6 +50,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}.")
+    _matrix_shape(scores, "An unstructured mask")
     pruned_count = prune_count(scores.shape[1], sparsity)
     if pruned_count == 0:
         return torch.ones_like(scores, dtype=torch.bool)
@@ -54,7 +64,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the ``n`` highest-scoring weights of every group of ``m`` consecutive inputs."""
     _validate_nm(n, m)
-    rows, cols = scores.shape
+    rows, cols = _matrix_shape(scores, "An N:M mask")
     if cols % m:
         raise ValueError(
             f"An N:M pattern with M={m} needs in_features divisible by {m}, but a layer has {cols}. "
@@ -70,7 +80,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     """Number of ``m``-groups of ``weight`` ([out, in]) holding more than ``n`` non-zeros."""
-    rows, cols = weight.shape
+    rows, cols = _matrix_shape(weight, "An N:M check")
     if cols % m:
         return rows * ((cols + m - 1) // m)  # cannot comply at all
     nonzero = (weight.reshape(rows, cols // m, m) != 0).sum(dim=2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Set
 
 import torch
 
@@ -19,6 +19,11 @@ from .masks import SparsityReport, measure_layer
 CONFIG_KEY = "sparsity_plan"
 FORMAT_VERSION = 1
 PATTERNS = ("unstructured", "n:m", "mixed-n:m")
+#: bounds of the free-form ``calibration`` / ``search`` entries: what a run writes is 2 levels deep and a few
+#: thousand numbers (the search history); a hand-made entry far beyond that is refused before anything walks it
+#: recursively (transformers deep-copies and re-encodes the config, which a deeply nested entry breaks)
+MAX_ENTRY_DEPTH = 8
+MAX_ENTRY_ITEMS = 100_000
 
 
 class PlanError(ValueError):
@@ -53,6 +58,77 @@ class LayerTarget:
 
     def describe(self) -> str:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.4f}"
+
+
+def required_zeros(rows: int, cols: int, target: LayerTarget, per_row: Optional[bool] = None) -> int:
+    """Fewest zeros a ``[rows, cols]`` weight pruned to ``target`` may hold: the target up to the rounding the
+    pruner is allowed.
+
+    * N:M: every group of ``m`` inputs drops ``m - n`` (exact; the groups themselves are checked separately).
+    * Unstructured, pruners that choose per output row (``per_row=True``: magnitude, Wanda and every
+      :class:`~optimum_msp.pruners.base.ScorePruner`, ``masks_per_row``): each row prunes ``round(sparsity * cols)`` weights, so at
+      least ``rows * floor(sparsity * cols)``.
+    * Unstructured, SparseGPT (``per_row=False``): it selects over column blocks of ``rows * width`` weights and
+      rounds once per block; ``width`` is its ``block_size`` (not recorded in the plan, and as small as 1), so a
+      block may fall short by half a weight, i.e. at most half a weight per input column over the layer:
+      ``ceil(sparsity * rows * cols - cols / 2)``. Also allowed the per-row count when that is lower.
+    * ``per_row=None`` (a method this process does not know): the lower of the two.
+
+    Measured on the tiny test models (LLaMA, GPT-2, OPT; sparsity 0.3, 1/3, 0.5, 0.537, 0.7, 0.9; SparseGPT with
+    block sizes 128 and 48): magnitude and Wanda never fall below the per-row count (they are up to 71 zeros
+    under ``sparsity * numel``, one row's rounding times the rows), SparseGPT at most 0.6 of a zero under
+    ``sparsity * numel``. The tolerance is thus a fraction of one weight per row or column: a checkpoint whose
+    layer was swapped for a denser one fails by thousands of zeros.
+    """
+    if target.is_nm:
+        return rows * (cols // target.m) * (target.m - target.n)
+    # + 1e-9: 0.7 * 10 is 6.999999999999999 in binary; the pruner's round() gives 7
+    by_row = rows * math.floor(target.sparsity * cols + 1e-9)
+    if per_row:
+        return by_row
+    by_block = max(0, math.ceil(target.sparsity * rows * cols - cols / 2 - 1e-9))
+    return min(by_row, by_block)
+
+
+def prunes_per_row(method: str) -> Optional[bool]:
+    """Whether the registered pruner ``method`` chooses its mask per output row (``None``: not registered here)."""
+    from .pruners.base import PRUNERS  # the pruners import this module
+
+    if method not in PRUNERS:
+        return None
+    return bool(PRUNERS.get(method).masks_per_row)
+
+
+def block_prefixes(name: str) -> Set[str]:
+    """Every ``prefix`` for which ``name`` reads ``<prefix>.<index>.<layer>``: where its decoder-block list may be."""
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) - 1) if parts[i].isdigit()}
+
+
+def _check_entry(key: str, value: Any) -> None:
+    """A free-form plan entry (``calibration``, ``search``): JSON values, bounded in depth and size (iteratively,
+    so that a hostile entry cannot exhaust the stack here either)."""
+    stack: List[tuple] = [(value, 0)]
+    items = 0
+    while stack:
+        current, depth = stack.pop()
+        items += 1
+        if depth > MAX_ENTRY_DEPTH:
+            raise PlanError(f"The sparsity plan's {key!r} is nested deeper than {MAX_ENTRY_DEPTH} levels; a plan "
+                            "written by optimum-msp nests 2. Remove or flatten that entry in config.json.")
+        if items > MAX_ENTRY_ITEMS:
+            raise PlanError(f"The sparsity plan's {key!r} holds more than {MAX_ENTRY_ITEMS:,} values; trim it in "
+                            "config.json.")
+        if isinstance(current, Mapping):
+            for sub_key, sub_value in current.items():
+                if not isinstance(sub_key, str):
+                    raise PlanError(f"The sparsity plan's {key!r} has a non-string key {sub_key!r}.")
+                stack.append((sub_value, depth + 1))
+        elif isinstance(current, (list, tuple)):
+            stack.extend((item, depth + 1) for item in current)
+        elif current is not None and not isinstance(current, (str, int, float, bool)):
+            raise PlanError(f"The sparsity plan's {key!r} holds a {type(current).__name__}; only JSON values are "
+                            "allowed.")
 
 
 @dataclass
@@ -215,16 +291,27 @@ class SparsityPlan:
         for key in ("calibration", "search", "block_sensitivity"):
             if not isinstance(data.get(key, {}), Mapping):
                 raise PlanError(f"The sparsity plan's {key!r} must be an object.")
+        for key in ("calibration", "search"):
+            _check_entry(key, data.get(key, {}))
+        block_sensitivity = {}
+        for block, value in data.get("block_sensitivity", {}).items():
+            if not str(block).isdigit():
+                raise PlanError(f"The sparsity plan's 'block_sensitivity' keys are decoder block indices, got {block!r}.")
+            block_sensitivity[block] = _number(value, f"The sparsity plan's 'block_sensitivity' of block {block}",
+                                               0.0, math.inf)
+        parsed = {name: LayerPlan.from_dict(name, value) for name, value in layers.items()}
+        _check_layer_names(parsed)
+        _check_patterns(data["pattern"], m, parsed)
         return cls(
             method=data["method"],
             pattern=data["pattern"],
             allocation=data["allocation"],
             target_sparsity=target,
             m=m,
-            layers={name: LayerPlan.from_dict(name, value) for name, value in layers.items()},
+            layers=parsed,
             calibration=dict(data.get("calibration", {})),
             search=dict(data.get("search", {})),
-            block_sensitivity=dict(data.get("block_sensitivity", {})),
+            block_sensitivity=block_sensitivity,
         )
 
     @classmethod
@@ -236,6 +323,9 @@ class SparsityPlan:
     # ------------------------------------------------------------------------------------------ checks
     def measure(self, model: torch.nn.Module) -> SparsityReport:
         """Measure every planned layer of ``model``; a planned layer that does not exist is an error."""
+        from torch import nn
+
+        from .modeling.blocks import is_linear
         from .modeling.offload import read_matrix
 
         modules = dict(model.named_modules())
@@ -244,7 +334,16 @@ class SparsityPlan:
             module = modules.get(name)
             if module is None or getattr(module, "weight", None) is None:
                 raise PlanError(f"The sparsity plan names layer {name!r}, which this model does not have.")
-            weight = read_matrix(module)
+            if not is_linear(module) or module.weight.dim() != 2:
+                raise PlanError(
+                    f"The sparsity plan names layer {name!r}, a {type(module).__name__} with a "
+                    f"{module.weight.dim()}-D weight: only linear layers inside the decoder blocks are pruned."
+                )
+            prefixes = block_prefixes(name)
+            if prefixes and not any(isinstance(modules.get(prefix), nn.ModuleList) for prefix in prefixes):
+                raise PlanError(f"The sparsity plan names layer {name!r}, which is not inside a list of decoder "
+                                "blocks of this model: only layers inside the decoder blocks are pruned.")
+            weight = read_matrix(module)  # offloaded layers: the stored values, not the meta placeholder
             if weight.numel() != layer.numel:
                 raise PlanError(
                     f"The sparsity plan says layer {name!r} has {layer.numel} weights, the model has {weight.numel()}."
@@ -255,7 +354,11 @@ class SparsityPlan:
 
     def verify(self, model: torch.nn.Module) -> SparsityReport:
         """Raise :class:`PlanError`, naming the layer, if any weight breaks the plan."""
+        from .modeling.blocks import weight_matrix
+
         report = self.measure(model)
+        modules = dict(model.named_modules())
+        per_row = prunes_per_row(self.method)
         for name, measured in report.layers.items():
             layer = self.layers[name]
             if measured.nm_violations:
@@ -263,9 +366,13 @@ class SparsityPlan:
                     f"Layer {name!r} breaks its {layer.target.describe()} pattern in {measured.nm_violations} "
                     "group(s): the weights do not match the sparsity plan in config.json."
                 )
-            # Weights may only gain zeros; the floor is what was achieved at pruning time.
-            floor = layer.achieved if layer.achieved is not None else layer.target.sparsity
-            required = math.floor(floor * layer.numel + 1e-6)
+            # The weights are held to the *target* (up to the pruner's rounding), never to the `achieved` number
+            # the file reports: a forged `achieved` cannot lower the bar. A recorded `achieved` above the target
+            # (e.g. SparseGPT zeroing dead inputs) raises it: weights may only gain zeros after pruning.
+            rows, cols = weight_matrix(modules[name]).shape
+            required, floor = required_zeros(rows, cols, layer.target, per_row), layer.target.sparsity
+            if layer.achieved is not None and math.floor(layer.achieved * layer.numel + 1e-6) > required:
+                required, floor = math.floor(layer.achieved * layer.numel + 1e-6), layer.achieved
             if measured.zeros < required:
                 # counts, not rounded fractions: 0.49996 and 0.5 both print as 0.5000
                 raise PlanError(
@@ -281,3 +388,42 @@ class SparsityPlan:
             achieved = "-" if layer.achieved is None else f"{layer.achieved:.4f}"
             lines.append(f"| {name} | {layer.target.describe()} | {achieved} |")
         return "\n".join(lines)
+
+
+def _check_layer_names(layers: Mapping[str, LayerPlan]) -> None:
+    """Every planned layer sits in one list of decoder blocks: ``<blocks>.<index>.<layer>``, one ``<blocks>``.
+
+    Embeddings, ``lm_head`` and norms are never pruned; a plan naming them is not one this library wrote."""
+    common: Optional[Set[str]] = None
+    for name in layers:
+        prefixes = block_prefixes(name)
+        if not prefixes:
+            raise PlanError(f"sparsity plan, layer {name!r}: not a layer inside the decoder blocks (expected "
+                            "'<blocks>.<index>.<layer>', e.g. 'model.layers.0.mlp.up_proj'); embeddings, lm_head and "
+                            "norms are never pruned.")
+        common = prefixes if common is None else common & prefixes
+        if not common:
+            raise PlanError(f"sparsity plan, layer {name!r}: not in the same list of decoder blocks as the layers "
+                            "before it.")
+
+
+def _check_patterns(pattern: str, m: Optional[int], layers: Mapping[str, LayerPlan]) -> None:
+    """Layer targets agree with the plan's pattern: N:M layers (all with the plan's ``m``) under an N:M pattern,
+    plain sparsities under ``unstructured``."""
+    if pattern == "unstructured":
+        if m is not None:
+            raise PlanError(f"The sparsity plan's 'm' is {m} but its pattern is 'unstructured'; m belongs to N:M "
+                            "patterns.")
+        for name, layer in layers.items():
+            if layer.target.is_nm:
+                raise PlanError(f"sparsity plan, layer {name!r}: an N:M target {layer.target.describe()} in an "
+                                "'unstructured' plan.")
+        return
+    if m is None:
+        raise PlanError(f"The sparsity plan's pattern is {pattern!r} but its 'm' is null.")
+    for name, layer in layers.items():
+        if not layer.target.is_nm:
+            raise PlanError(f"sparsity plan, layer {name!r}: pattern {pattern!r} needs an N:M target (n and m), got "
+                            f"sparsity {layer.target.sparsity}.")
+        if layer.target.m != m:
+            raise PlanError(f"sparsity plan, layer {name!r}: its m={layer.target.m} contradicts the plan's m={m}.")

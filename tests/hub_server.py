@@ -30,6 +30,7 @@ which this one never does.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import itertools
 import json
@@ -831,3 +832,35 @@ def fake_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     finally:
         hub.stop()
         huggingface_hub.close_session()  # drop pooled keep-alive connections to the stopped server
+
+
+@contextlib.contextmanager
+def echoing_error_server(status: int = 500) -> Iterator[str]:
+    """An endpoint whose every answer is ``status`` with the request's headers (Authorization included) echoed in
+    the JSON error body, as misconfigured proxies and debug builds of servers do. Yields its URL."""
+
+    class Echo(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"error": f"internal error; request headers: {dict(self.headers)}"}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+        def log_message(self, format, *args):  # noqa: A002 - signature of the base class
+            logger.debug("echo server: " + format, *args)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, args=(0.05,), name="echo-server", daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

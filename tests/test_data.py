@@ -87,3 +87,43 @@ def test_data_dir_is_never_guessed_from_where_the_library_runs(monkeypatch, tmp_
     monkeypatch.chdir(tmp_path / "work")  # ../shared/data exists from here
     monkeypatch.delenv("OPTIMUM_MSP_DATA_DIR", raising=False)
     assert local_data_dir() is None
+
+
+# ------------------------------------------------------------------------------- bad files are named, with the fix
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", b"", "is empty"),
+    ("blank.txt", b"\n \n", "is empty"),
+    ("random.txt", bytes(range(256)) * 4, "NUL bytes.*binary"),
+    ("latin1.txt", "caf\u00e9 na\u00efve\n".encode("latin-1"), r"not UTF-8 text \(byte 3, line 1.*iconv"),
+    ("malformed.jsonl", b'{"text": "a"}\n{broken\n', r"line 2: not valid JSON"),
+    ("no_text.jsonl", b'{"text": "a"}\n{"other": "b"}\n', r"line 2: no \"text\" field \(fields: \['other'\]\)"),
+    ("number.jsonl", b'{"text": "a"}\n{"text": 5}\n', r"line 2: \"text\" must be a string, got int"),
+    ("list.jsonl", b'["a"]\n', r"expected a JSON object"),
+    ("empty.jsonl", b"", "is empty"),
+])
+def test_bad_local_files_are_a_value_error_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as caught:
+        load_text(str(path))
+    assert str(path) in str(caught.value)
+
+
+def test_local_files_read_as_datasets_reads_them(tmp_path):
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(b"one\r\ntwo\rthree\n\nfive\n")
+    assert load_text(str(path)) == "one\ntwo\nthree\n\nfive"
+    array = tmp_path / "rows.json"
+    array.write_text('[{"text": "a"}, {"text": "b"}]')
+    assert load_text(str(array)) == "a\n\nb"
+
+
+def test_more_windows_than_distinct_starts_is_an_error():
+    assert len(sample_starts(100, 36, 64, seed=0)) == 36  # 36 distinct starts: still possible
+    with pytest.raises(ValueError, match=r"37 windows of 64 tokens.*only 36 distinct window starts"):
+        sample_starts(100, 37, 64, seed=0)
+
+
+def test_evaluation_windows_refuse_seqlen_zero():
+    with pytest.raises(ValueError, match="seqlen"):
+        evaluation_windows(torch.zeros(1, 10, dtype=torch.long), 0)

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+from ..checks import check_finite_values
 from ..modeling.offload import is_offloaded, onloaded
 from ..modeling.sequential import BlockRunner, block_output, input_device
 from ..options import option
 from .base import ALLOCATORS, AllocationContext, AllocationResult, Budget
-from .cache import cache_path, fingerprint, write_atomically
+from .cache import UnhashableModelError, cache_path, fingerprint, write_atomically
 from .levels import Genome, LevelOptions, LevelSpace
 
 logger = logging.getLogger(__name__)
@@ -42,16 +43,31 @@ def fisher_traces(
     another device than it is kept on, and it needs ``runner``), holding one block's weights on the compute
     device and every block's input activations of one sequence, never the whole model's gradients.
     """
-    path = cache_path("fisher", fingerprint(model, layers, ids), ".json")
+    path = None
+    if use_cache:
+        try:
+            path = cache_path("fisher", fingerprint(model, layers, ids, "fisher"), ".json")
+        except UnhashableModelError as error:
+            logger.info("Fisher traces are not cached: %s", error)
+            use_cache = False
     if use_cache and path.is_file():
-        logger.info("Fisher traces read from cache %s", path)
-        return json.loads(path.read_text())
+        try:
+            cached = json.loads(path.read_text())
+            if set(cached) != set(layers):
+                raise ValueError("the entry was written for other layers")
+            check_finite_values("cached Fisher trace", cached)
+            logger.info("Fisher traces read from cache %s", path)
+            return cached
+        except Exception as error:  # a damaged entry costs a recomputation, never a failed prune
+            logger.warning("Ignoring the unreadable Fisher cache %s (%s); recomputing.", path, error)
     if blockwise is None:
         blockwise = runner is not None and _spread_out(model, runner)
     if blockwise and runner is None:
         raise ValueError("The block-wise Fisher pass needs the model's BlockRunner (runner=).")
     with _frozen(model):
         traces = _blockwise_traces(runner, layers, ids) if blockwise else _whole_model_traces(model, layers, ids)
+    # a NaN/inf trace (non-finite loss or gradients) would silently order the blocks arbitrarily
+    check_finite_values("Fisher trace (squared gradients of the calibration loss)", traces)
     if use_cache:
         write_atomically(path, lambda temporary: temporary.write_text(json.dumps(traces)))
     return traces

@@ -8,15 +8,20 @@ Every weight it changes is restored before it returns.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from ..modeling.weights import WeightSnapshot
 from ..options import option
 from ..pruners.base import Pruner
+from ..version import __version__
 from .base import ALLOCATORS, AllocationContext, AllocationResult
+from .cache import UnhashableModelError, ids_fingerprint, model_fingerprint
 from .fisher import FisherOptions, fisher_genome, fisher_sensitivity
 from .levels import LevelSpace
 from .search import EvolutionarySearch, FitnessEvaluator, WeightBank
@@ -43,6 +48,53 @@ class SearchOptions(FisherOptions):
         "never another result)", kind=int, low=0)
     search_checkpoint: Optional[str] = option(None, "file the MSP search saves each generation to and resumes from",
                                               optional=True)
+    search_checkpoint_overwrite: bool = option(
+        False, "when search_checkpoint was written with other settings (model, data, options), start afresh and "
+        "overwrite it instead of refusing", kind=bool)
+
+
+def _model_key(context: AllocationContext) -> str:
+    """The dense model's fingerprint (every parameter and buffer, see :mod:`optimum_msp.allocation.cache`)."""
+    try:
+        return model_fingerprint(context.model)
+    except UnhashableModelError as error:
+        # offloaded weights cannot be read here: key on the architecture, and say what that cannot catch
+        logger.warning("The search checkpoint key cannot include the model's weights (%s): resuming will not notice "
+                       "another model of the same architecture.", error)
+        layout = [(name, str(p.dtype), tuple(p.shape)) for name, p in context.model.named_parameters()]
+        return "layout:" + hashlib.sha256(json.dumps(layout).encode()).hexdigest()
+
+
+def search_settings(context: AllocationContext, space: LevelSpace, statistics: str, fitness_ids) -> Dict[str, Any]:
+    """Everything that changes what the search computes, as the key of its checkpoint: a checkpoint written under
+    other settings is refused (or, with ``search_checkpoint_overwrite``, replaced), never silently resumed.
+
+    Left out on purpose: ``generations`` (a resumed search may run longer), ``search_cache_mb`` (memory, never
+    results) and the checkpoint's own path. The seed genome, population size and seed are added by the search.
+    """
+    options, budget, pruner = context.options, context.budget, context.pruner
+    level_options = {name: getattr(options, name) for name in
+                     ("granularity", "max_deviation", "level_step", "max_layer_sparsity",
+                      "fisher_samples", "fisher_seqlen", "fitness_samples", "fitness_seqlen",
+                      "search_statistics")}
+    return {
+        "version": __version__,
+        "method": pruner.name,
+        "pruner_options": dataclasses.asdict(pruner.options),
+        "sparsity": budget.sparsity,
+        "pattern": budget.pattern,
+        "m": budget.m,
+        "fitness": options.fitness,
+        "units": len(space),
+        "statistics": statistics,
+        "options": level_options,
+        "levels": {"units": space.units, "numels": space.numels, "base": space.base, "step": space.step,
+                   "lower": space.lower, "upper": space.upper, "m": space.m},
+        "model": _model_key(context),
+        "calibration_ids": ids_fingerprint(context.calibration.ids if context.calibration is not None else None),
+        "fitness_ids": ids_fingerprint(fitness_ids),
+        "batch_size": context.batch_size,
+    }
 
 
 def search_statistics(choice: str, pruner: Pruner) -> str:
@@ -64,6 +116,8 @@ def msp(context: AllocationContext) -> AllocationResult:
 
     statistics = search_statistics(options.search_statistics, pruner)
     fitness_ids = context.calibration.held_out(options.fitness_samples, options.fitness_seqlen, context.seed + 1)
+    # the checkpoint's key, with the model hashed while it is still dense (the passes below change weights)
+    settings = search_settings(context, space, statistics, fitness_ids) if options.search_checkpoint else None
     with WeightSnapshot(context.modules) as dense:
         stats = {}
         if pruner.needs_calibration and statistics == "seed":
@@ -78,9 +132,8 @@ def msp(context: AllocationContext) -> AllocationResult:
         search_started, search_cpu_started = time.perf_counter(), time.process_time()
         search = EvolutionarySearch(
             space, evaluator, seed_genome, options.population_size, options.generations, context.seed,
-            checkpoint=options.search_checkpoint,
-            settings={"method": pruner.name, "sparsity": budget.sparsity, "pattern": budget.pattern,
-                      "fitness": options.fitness, "units": len(space), "statistics": statistics},
+            checkpoint=options.search_checkpoint, settings=settings,
+            overwrite=options.search_checkpoint_overwrite,
         )
         best = search.run()
         search_seconds = time.perf_counter() - search_started

@@ -19,9 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..apply import apply_targets, dense_statistics
+from ..checks import check_all_statistics
 from ..modeling.weights import WeightSnapshot, restored
 from .base import Allocation, AllocationContext
-from .cache import cache_path, fingerprint, write_atomically
+from .cache import UnhashableModelError, cache_path, fingerprint, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +73,25 @@ def _cached(context: AllocationContext, make_stats: Callable[[int], Any], settin
     ids = context.calibration_ids("Input statistics")
     layers = context.modules
     kind = type(make_stats(1)).__name__
-    path = cache_path("statistics", fingerprint(context.model, layers, ids, kind, context.batch_size, *settings),
-                      ".safetensors")
+    path = None
+    if use_cache:
+        try:
+            path = cache_path("statistics", fingerprint(context.model, layers, ids, kind, context.batch_size,
+                                                        *settings), ".safetensors")
+        except UnhashableModelError as error:
+            logger.info("%s are not cached: %s", kind, error)
+            use_cache = False
     if use_cache and path.is_file():
         try:
             stats = _load(path, make_stats, layers)
             logger.info("%s read from cache %s", kind, path)
+            check_all_statistics(stats)
             return stats
         except Exception as error:  # a damaged entry costs a recomputation, never a failed prune
             logger.warning("Ignoring the unreadable statistics cache %s (%s); recomputing.", path, error)
     stats = compute()
+    # NaN/inf statistics would make OWL's outlier ratios and the search's bank meaningless; never cache them
+    check_all_statistics(stats)
     if use_cache and all(hasattr(stat, "STATE") for stat in stats.values()):
         write_atomically(path, lambda temporary: _save(stats, temporary))
     return stats

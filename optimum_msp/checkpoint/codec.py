@@ -311,7 +311,9 @@ def encode_layer(weight: torch.Tensor, target: Optional[LayerTarget] = None, nam
     nonzeros = int((weight != 0).sum())
     candidates = {BITMASK: nonzeros * size + math.ceil(weight.numel() / 8)}
     nm_encoded = None
-    if target is not None and target.is_nm and target.n > 0:
+    # positions are packed in at most 8 bits (M <= 256); a larger M is stored with a bitmask, which is smaller
+    # there anyway (1 bit per weight against ceil(log2 M) bits per kept one)
+    if target is not None and target.is_nm and target.n > 0 and index_bits(target.m) <= 8:
         nm_encoded = encode_nm(weight.t() if transposed else weight, target.n, target.m)
         if nm_encoded is None:
             logger.warning("Layer %r does not follow its %s target; storing it with a bitmask.", name,

@@ -67,6 +67,13 @@ def perplexity_report(
 ) -> Dict[str, Any]:
     """:func:`perplexity` with how it was measured: ``{"perplexity", "seqlen", "windows", "scored_tokens",
     "bos"}`` (``bos``: whether the windows started with the BOS token; ``scored_tokens`` = windows x (seqlen - 1))."""
+    for name, value, low in (("seqlen", seqlen, 2), ("batch_size", batch_size, 1)):
+        # seqlen 1 has no next token to predict (mean of nothing: NaN); 0 divides by zero while windowing
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"perplexity: {name} must be an integer >= {low}, got {value!r}.")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
+                                    or max_windows < 1):
+        raise ValueError(f"perplexity: max_windows must be a positive integer or None, got {max_windows!r}.")
     if input_ids is None:
         if tokenizer is None:
             raise ValueError("perplexity needs a tokenizer (or pre-tokenized input_ids).")

@@ -9,7 +9,10 @@ Loading needs nothing from this module: ``AutoModelForCausalLM.from_pretrained(r
 import). To fetch from an endpoint chosen at run time, use :func:`pull_from_hub` and load the local folder it
 returns.
 
-The token is only ever handed to ``huggingface_hub``; it is never logged nor put in an error message.
+The token is only ever handed to ``huggingface_hub``; it is never logged nor put in an error message. What we
+log or raise goes through :func:`redact`: credentials embedded in the endpoint URL (``https://user:TOKEN@host``)
+are masked, and so are the token itself, ``Authorization``/``Bearer`` values and ``hf_...`` tokens that a server
+echoes back in an error body.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Type, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Type, TypeVar, Union
+from urllib.parse import urlsplit, urlunsplit
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -37,7 +42,89 @@ __all__ = [
     "resolve_endpoint",
 ]
 
+T = TypeVar("T")
 _SKIPPED_DIRECTORIES = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
+_MASK = "***"
+# credentials as they appear in text we do not control (server error bodies, transport errors, HTTP logs):
+# (pattern, replacement)
+_SECRET_PATTERNS = [
+    (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(?:bearer\s+|basic\s+|token\s+)?[^\s'\",}]+"),
+     r"\1" + _MASK),
+    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1" + _MASK),
+    (re.compile(r"\bhf_[A-Za-z0-9]{20,}"), _MASK),
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s:@]*(?::[^/\s@]*)?@"), r"\1" + _MASK + "@"),  # user:pw@ of a URL
+]
+#: loggers of the HTTP stack under huggingface_hub: they log request URLs (with any credentials they embed)
+_HTTP_LOGGERS = ("huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "requests")
+
+
+def redact(text: object, secrets: Iterable[Optional[str]] = ()) -> str:
+    """``text`` with the given ``secrets`` and anything credential-shaped masked (for logs and error messages)."""
+    out = str(text)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            out = out.replace(secret, _MASK)
+    for pattern, replacement in _SECRET_PATTERNS:
+        out = pattern.sub(replacement, out)
+    return out
+
+
+class _RedactingFilter(logging.Filter):
+    def __init__(self, secrets: List[str]):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is left to the logging machinery
+            return True
+        redacted = redact(message, self.secrets)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+@contextlib.contextmanager
+def _redacted_logs(secrets: Iterable[Optional[str]]) -> Iterator[None]:
+    """While talking to the Hub, mask credentials in what the HTTP stack logs (it logs request URLs, which may
+    embed ``user:token@``). A logger's filters only see records created on that logger, so the filter goes on
+    every existing logger of those libraries, and comes off afterwards."""
+    chosen = [secret for secret in secrets if secret]
+    names = [name for name in list(logging.Logger.manager.loggerDict)
+             if any(name == root or name.startswith(root + ".") for root in _HTTP_LOGGERS)]
+    loggers = [logging.getLogger(name) for name in set(names) | set(_HTTP_LOGGERS)]
+    log_filter = _RedactingFilter(chosen)
+    for log in loggers:
+        log.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeFilter(log_filter)
+
+
+def _url_secrets(url: str) -> List[str]:
+    """The user name and password embedded in ``url`` (``http://user:TOKEN@host``), to mask wherever they appear."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    return [value for value in (parts.password, parts.username) if value]
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without the credentials it may embed (for messages)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{_MASK}@{host}", parts.path, parts.query, parts.fragment))
 
 
 class HubError(RuntimeError):
@@ -86,29 +173,32 @@ def push_to_hub(
     """
     folder = _existing_folder(folder)
     endpoint = resolve_endpoint(endpoint)
-    token = _resolve_token(token, endpoint)
+    shown = _safe_url(endpoint)  # what logs and errors may show of the endpoint
+    token = _resolve_token(token, shown)
     operations = _upload_operations(folder)
     api = HfApi(endpoint=endpoint, token=token)
-    logger.info("Pushing %d files from %s to %s on %s", len(operations), folder, repo_id, endpoint)
+    logger.info("Pushing %d files from %s to %s on %s", len(operations), folder, repo_id, shown)
 
-    with _hub_errors(endpoint, repo_id):
+    def push() -> CommitInfo:
         try:
-            repo_id = api.create_repo(repo_id, private=private, exist_ok=exist_ok).repo_id
+            created = api.create_repo(repo_id, private=private, exist_ok=exist_ok).repo_id
         except HfHubHTTPError as error:
             if _status(error) == 409:
                 raise RepoExistsError(
-                    f"The repo {repo_id!r} already exists on {endpoint}. Pass exist_ok=True to add a commit to it, "
+                    f"The repo {repo_id!r} already exists on {shown}. Pass exist_ok=True to add a commit to it, "
                     "or choose another repo_id."
                 ) from None
             raise
         if revision is not None and revision != constants.DEFAULT_REVISION:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.create_commit(
-            repo_id,
+            api.create_branch(created, branch=revision, exist_ok=True)
+        return api.create_commit(
+            created,
             operations,
             commit_message=commit_message or f"Upload pruned model from {folder.name}",
             revision=revision,
         )
+
+    commit = _guarded(push, endpoint, repo_id, secrets=[token])
     logger.info("Pushed %s: commit %s", repo_id, commit.oid)
     return commit
 
@@ -126,9 +216,10 @@ def pull_from_hub(
     Public repos need no token. Pass the folder to ``from_pretrained`` (or to this package's loader).
     """
     endpoint = resolve_endpoint(endpoint)
-    with _hub_errors(endpoint, repo_id):
-        folder = snapshot_download(repo_id, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
-    logger.info("Pulled %s from %s into %s", repo_id, endpoint, folder)
+    secrets = [token if isinstance(token, str) else None, get_token()]
+    folder = _guarded(lambda: snapshot_download(repo_id, revision=revision, token=token, endpoint=endpoint,
+                                                cache_dir=cache_dir), endpoint, repo_id, secrets=secrets)
+    logger.info("Pulled %s from %s into %s", repo_id, _safe_url(endpoint), folder)
     return Path(folder)
 
 
@@ -189,43 +280,51 @@ def _status(error: HfHubHTTPError) -> Optional[int]:
     return getattr(response, "status_code", None)
 
 
-@contextlib.contextmanager
-def _hub_errors(endpoint: str, repo_id: str) -> Iterator[None]:
-    """Turn huggingface_hub / transport failures into HubErrors that say what to do.
+def _guarded(call: Callable[[], T], endpoint: str, repo_id: str, secrets: Iterable[Optional[str]] = ()) -> T:
+    """``call()``, with huggingface_hub / transport failures turned into HubErrors that say what to do.
 
-    Causes are dropped (``from None``): their text is shown anyway below, and a chained transport error could
-    carry request details we do not control.
+    The message keeps the server's or the transport's text, redacted (a server may echo the Authorization header
+    in its error body, a transport error may print the URL with the credentials it embeds). The error is raised
+    with its chain cut (no ``__cause__`` nor ``__context__``), *outside* the ``except`` clause so that Python does
+    not chain the original back in: nothing reachable from what the caller catches holds a secret.
     """
+    secrets = [*secrets, *_url_secrets(endpoint)]
+    endpoint = _safe_url(endpoint)
+    failure: Optional[BaseException] = None
     try:
-        yield
-    except HubError:
-        raise
+        with _redacted_logs(secrets):
+            return call()
+    except HubError as error:
+        failure = error
     except OfflineModeIsEnabled:
-        raise EndpointUnreachableError(
-            f"Cannot reach {endpoint}: offline mode is on. Unset HF_HUB_OFFLINE to talk to the Hub."
-        ) from None
+        failure = EndpointUnreachableError(
+            f"Cannot reach {endpoint}: offline mode is on. Unset HF_HUB_OFFLINE to talk to the Hub.")
     except LocalEntryNotFoundError:
         # snapshot_download: the Hub could not be reached and nothing is cached
-        raise EndpointUnreachableError(
+        failure = EndpointUnreachableError(
             f"Could not download {repo_id!r}: {endpoint} did not answer and the repo is not in the local cache. "
             "Check the endpoint (HF_ENDPOINT or endpoint=...) and your network."
-        ) from None
+        )
     except HfHubHTTPError as error:
         status = _status(error)
         if status == 401:
-            raise InvalidTokenError(
+            failure = InvalidTokenError(
                 f"{endpoint} rejected the token (HTTP 401). Create a token with write access at "
                 f"{endpoint}/settings/tokens and pass it as token=... or set HF_TOKEN (it takes precedence over "
                 "`hf auth login`)."
-            ) from None
-        if status == 403:
-            raise InvalidTokenError(
+            )
+        elif status == 403:
+            failure = InvalidTokenError(
                 f"The token may not write to {repo_id!r} on {endpoint} (HTTP 403). Use a token with write access "
                 "to that namespace, or push to your own namespace."
-            ) from None
-        raise HubError(f"The Hub at {endpoint} refused the request for {repo_id!r}: {error}") from None
+            )
+        else:
+            failure = HubError(f"The Hub at {endpoint} refused the request for {repo_id!r}: {redact(error, secrets)}")
     except _transport_errors() as error:
-        raise EndpointUnreachableError(
-            f"Could not connect to {endpoint} ({type(error).__name__}: {error}). Check the endpoint (HF_ENDPOINT or "
-            "endpoint=...) and your network."
-        ) from None
+        failure = EndpointUnreachableError(
+            f"Could not connect to {endpoint} ({type(error).__name__}: {redact(error, secrets)}). Check the endpoint "
+            "(HF_ENDPOINT or endpoint=...) and your network."
+        )
+    failure.__cause__ = failure.__context__ = None
+    failure.__suppress_context__ = True
+    raise failure

@@ -278,7 +278,8 @@ class _MSPDecompress(ConversionOps):
 
     def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, **kwargs):
         meta_key = "weight" + codec.META_SUFFIX
-        if meta_key not in input_dict:
+        compact_keys = set(codec.SERIALIZED_NAMES[1:]) & set(input_dict)
+        if not compact_keys:
             return input_dict
         tensors = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
         model = kwargs.get("model")
@@ -289,6 +290,12 @@ class _MSPDecompress(ConversionOps):
             except AttributeError:
                 expected = None
         try:
+            if meta_key not in tensors:
+                # the other compact tensors alone cannot be decoded (and would otherwise be set as unknown module
+                # attributes: AttributeError); report it like any other undecodable layer
+                raise codec.CompactFormatError(
+                    f"'{meta_key}' is missing (found {sorted(compact_keys)}): the checkpoint is incomplete or was "
+                    "edited; save it again.")
             dense = codec.decode_layer(tensors, None if expected is None else expected.shape)
             if expected is not None and dense.dtype != expected.dtype:  # deflated values keep their saved dtype
                 dense = dense.to(expected.dtype)

@@ -31,6 +31,9 @@ class Pruner:
     #: its result then depends on where its input statistics come from, and a bank of its results must store
     #: whole weights rather than masks
     updates_weights: bool = False
+    #: the method chooses its unstructured mask per output row (its rounding: at most one weight per row); the
+    #: verification of a plan holds the weights to that rounding
+    masks_per_row: bool = False
 
     def __init__(self, options: Optional[Options] = None):
         self.options = options if options is not None else NoOptions()
@@ -51,11 +54,22 @@ class Pruner:
 class ScorePruner(Pruner):
     """Pruners that rank weights by a score and zero the lowest ones, without updating the rest."""
 
+    masks_per_row = True
+
     def scores(self, weight: torch.Tensor, stats: Optional[Any]) -> torch.Tensor:
         raise NotImplementedError
 
     def mask(self, weight: torch.Tensor, stats: Optional[Any], target: LayerTarget) -> torch.Tensor:
         scores = self.scores(weight, stats)
+        if not bool(torch.isfinite(scores).all()):
+            # NaN ranks arbitrarily (kthvalue/sort put it anywhere): the mask would be silently meaningless
+            from ..checks import NonFiniteError
+
+            raise NonFiniteError(
+                f"{self.name or type(self).__name__} scores hold {int(torch.isnan(scores).sum()):,} NaN and "
+                f"{int(torch.isinf(scores).sum()):,} inf values (non-finite weights or input statistics); the "
+                "weights cannot be ranked."
+            )
         return nm_mask(scores, target.n, target.m) if target.is_nm else unstructured_mask(scores, target.sparsity)
 
     def prune(self, weight: torch.Tensor, stats: Optional[Any], target: LayerTarget) -> torch.Tensor:

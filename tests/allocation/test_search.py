@@ -253,3 +253,63 @@ def test_fitness_matches_the_model_when_blocks_differ_by_layer_type():
     expected = model_loss()
     bank.restore()
     assert value == pytest.approx(expected, rel=1e-4)
+
+
+# ------------------------------------------------------------------------- search checkpoints and their key
+def _msp_run(checkpoint, model_seed=0, calibration_seed=0, **overrides):
+    from optimum_msp import MSPPruner
+
+    settings = dict(method="wanda", sparsity=0.6, allocation="msp", population_size=4, generations=1,
+                    fisher_samples=2, fitness_samples=2, fitness_seqlen=16, search_checkpoint=str(checkpoint))
+    settings.update(overrides)
+    pruner = MSPPruner(tiny_model("llama", seed=model_seed))
+    pruner.prune(MSPConfig(**settings), calibration=calibration_ids(4, 32, seed=calibration_seed),
+                 fitness_ids=calibration_ids(settings["fitness_samples"], settings["fitness_seqlen"], seed=7))
+    return pruner
+
+
+@pytest.mark.parametrize("change, differing", [
+    (dict(fitness_samples=4), "options.fitness_samples"),
+    (dict(fitness_seqlen=24), "options.fitness_seqlen"),
+    (dict(level_step=0.05), "options.level_step"),
+    (dict(max_deviation=0.1), "options.max_deviation"),
+    (dict(granularity="layer"), "options.granularity"),
+    (dict(search_statistics="seed"), "statistics"),
+    (dict(calibration_seed=1), "calibration_ids"),
+    (dict(model_seed=1), "model"),
+])
+def test_a_checkpoint_written_under_other_settings_is_refused(tmp_path, change, differing):
+    checkpoint = tmp_path / "search.json"
+    _msp_run(checkpoint)
+    written = checkpoint.read_text()
+    with pytest.raises(ValueError, match=rf"{checkpoint}.*other settings \(.*{differing}.*search_checkpoint_overwrite"):
+        _msp_run(checkpoint, **change)
+    assert checkpoint.read_text() == written  # refused: the old checkpoint is kept
+
+
+def test_the_checkpoint_key_covers_the_pruner_options_and_fitness_windows(tmp_path):
+    checkpoint = tmp_path / "search.json"
+    _msp_run(checkpoint, method="sparsegpt", search_statistics="dense")
+    with pytest.raises(ValueError, match=r"pruner_options\.dampening"):
+        _msp_run(checkpoint, method="sparsegpt", search_statistics="dense", dampening=0.05)
+    data = __import__("json").loads(checkpoint.read_text())["settings"]
+    for key in ("model", "calibration_ids", "fitness_ids", "levels", "pruner_options", "version"):
+        assert key in data, key
+
+
+def test_same_settings_resume_and_overwrite_starts_afresh(tmp_path):
+    checkpoint = tmp_path / "search.json"
+    first = _msp_run(checkpoint)
+    assert first.report["allocation"]["evaluations_this_run"] > 0
+    resumed = _msp_run(checkpoint)
+    assert resumed.report["allocation"]["evaluations_this_run"] == 0  # same settings: resumed, nothing re-run
+    overwritten = _msp_run(checkpoint, fitness_samples=4, search_checkpoint_overwrite=True)
+    assert overwritten.report["allocation"]["evaluations_this_run"] > 0
+    assert __import__("json").loads(checkpoint.read_text())["settings"]["options"]["fitness_samples"] == 4
+
+
+def test_an_unreadable_checkpoint_is_named(tmp_path):
+    checkpoint = tmp_path / "search.json"
+    checkpoint.write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{checkpoint} cannot be read"):
+        _toy_search(tmp_path).run()

@@ -335,3 +335,27 @@ def test_corrupted_deflate_stream_names_the_layer(tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(PlanError, match=rf"{layer}.*cannot be decoded"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
+
+
+def test_missing_meta_tensor_is_named_not_an_attribute_error(tmp_path):
+    model = _pruned("llama", torch.float32, sparsity=0.5)
+    save_compact(model, tmp_path / "compact")
+    path = tmp_path / "compact" / "model.safetensors"
+    tensors = load_file(path)
+    layer = "model.layers.0.mlp.up_proj"
+    del tensors[f"{layer}.weight_msp_meta"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(PlanError, match=rf"{layer}.*cannot be decoded.*'weight_msp_meta' is missing"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
+
+
+def test_nm_with_an_m_beyond_byte_indices_saves_compact_and_reloads(tmp_path):
+    """256:512 needs 9-bit positions: stored with a bitmask (smaller there anyway) instead of failing the save."""
+    model = tiny_model("llama", hidden_size=512, intermediate_size=512, head_dim=128)
+    MSPPruner(model).prune(MSPConfig(method="magnitude", pattern="256:512"))
+    save_compact(model, tmp_path / "compact")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
+    for key, value in reloaded.state_dict().items():
+        assert _same_bits(value, model.state_dict()[key]), key
+    with safe_open(str(tmp_path / "compact" / "model.safetensors"), framework="pt") as handle:
+        assert any(key.endswith("weight_msp_mask") for key in handle.keys())

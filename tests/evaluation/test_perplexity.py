@@ -45,3 +45,14 @@ def test_evaluate_module_loads_offline_and_agrees():
     ids = Tok()("\n".join(texts)).input_ids
     assert result["perplexity"] == pytest.approx(perplexity(model, input_ids=ids, seqlen=16), rel=1e-6)
     assert result["num_windows"] == ids.shape[1] // 16
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seqlen=0), "seqlen must be an integer >= 2"),
+    (dict(seqlen=1), "seqlen must be an integer >= 2"),
+    (dict(seqlen=8, batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(seqlen=8, max_windows=0), "max_windows must be a positive integer"),
+])
+def test_perplexity_refuses_degenerate_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        perplexity(tiny_model("llama"), input_ids=torch.zeros(1, 64, dtype=torch.long), **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -16,10 +17,11 @@ from huggingface_hub import ModelCard, constants, model_info
 from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hub_server import FakeHub, closed_port_endpoint
+from hub_server import FakeHub, closed_port_endpoint, echoing_error_server
 from hub_server import fake_hub  # noqa: F401  (tests/conftest.py imports it too; keeps this file self-sufficient)
 from optimum_msp.integrations.hub import (
     EndpointUnreachableError,
+    HubError,
     InvalidTokenError,
     MissingTokenError,
     RepoExistsError,
@@ -360,3 +362,49 @@ def test_pruner_push_to_hub_round_trip_with_card(fake_hub, tmp_path):
     SparsityPlan.from_config(model.config).verify(model)
     card = ModelCard.load(folder / "README.md")
     assert card.data.eval_results[0].metric_value == 42.0
+
+
+def _with_credentials(endpoint: str, user: str, secret: str) -> str:
+    scheme, rest = endpoint.split("://", 1)
+    return f"{scheme}://{user}:{secret}@{rest}"
+
+
+def test_credentials_embedded_in_the_endpoint_url_are_never_logged_nor_raised(fake_hub: FakeHub, model_folder: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(constants, "HF_DEBUG", True)
+    secret = "hf_url_embedded_secret_0123456789abcdef"
+    basic = base64.b64encode(f"tester:{secret}".encode()).decode()  # what an HTTP client sends for user:secret@
+    errors = []
+    with _debug_logs_of_every_library() as lines:
+        for endpoint in (_with_credentials(fake_hub.endpoint, "tester", secret),  # the server answers 401
+                         _with_credentials(closed_port_endpoint(), "tester", secret)):  # nothing answers
+            with pytest.raises(Exception) as caught:
+                push_to_hub(model_folder, REPO_ID, token=fake_hub.token, endpoint=endpoint)
+            errors.append(_messages_of_chain(caught.value))
+            assert "***@127.0.0.1" in str(caught.value)  # the endpoint is still shown, without its credentials
+    logged = "\n".join(lines)
+    assert "Pushing" in logged
+    for leaked in (secret, basic):
+        assert leaked not in logged
+        assert all(leaked not in text for text in errors)
+
+
+def test_an_error_body_echoing_the_authorization_header_is_redacted(model_folder: Path):
+    token = "hf_echoed_secret_token_0123456789abcdef"
+    with echoing_error_server() as endpoint, _debug_logs_of_every_library() as lines:
+        with pytest.raises(HubError, match="refused the request") as caught:
+            push_to_hub(model_folder, REPO_ID, token=token, endpoint=endpoint)
+    text = _messages_of_chain(caught.value)
+    assert "internal error; request headers" in text  # the server's message is kept...
+    assert token not in text and token not in "\n".join(lines)  # ...without the credentials it echoed
+
+
+def test_redact_masks_credential_shapes():
+    from optimum_msp.integrations.hub import redact
+
+    text = ("GET https://bob:pa55@hub.example/x 'Authorization': 'Bearer abc.def' authorization: Basic Ym9iOnBhNTU= "
+            "token hf_abcdefghijklmnopqrstuvwxyz0123 and s3cr3t")
+    out = redact(text, ["s3cr3t"])
+    for leaked in ("pa55", "abc.def", "Ym9iOnBhNTU=", "hf_abcdefghijklmnopqrstuvwxyz0123", "s3cr3t"):
+        assert leaked not in out
+    assert "https://***@hub.example/x" in out

@@ -266,6 +266,39 @@ def test_pruner_save_pretrained_marks_the_checkpoint(tmp_path):
     assert torch.equal(_logits(reloaded), _logits(pruner.model))
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_dense_weights_behind_an_edited_achieved_are_refused_on_load(method, tmp_path):
+    """Weights swapped for dense ones and every `achieved` edited to 0.0 (targets kept): the weights are held to
+    the targets, not to what the file reports."""
+    pruner = MSPPruner(tiny_model("llama"))
+    pruner.prune(MSPConfig(method=method, sparsity=0.5), calibration=calibration_ids())
+    folder = pruner.save_pretrained(tmp_path / "out")
+    tensors = load_file(folder / "model.safetensors")
+    dense = tiny_model("llama").state_dict()
+    layer = "model.layers.2.self_attn.o_proj"
+    tensors[f"{layer}.weight"] = dense[f"{layer}.weight"].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    def edit(plan):
+        for entry in plan["layers"].values():
+            entry["achieved"] = 0.0
+        plan["achieved_sparsity"] = 0.0
+
+    _edit_plan(folder, edit)
+    with pytest.raises(PlanError, match=rf"{layer}.*requires 0\.5 sparsity"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_deeply_nested_plan_entry_is_refused_on_load(pruned_folder, tmp_path):
+    folder = _tampered_copy(pruned_folder, tmp_path / "nested")
+    deep: list = []
+    for _ in range(100):  # transformers itself copes with this depth; the plan's parser refuses it
+        deep = [deep]
+    _edit_plan(folder, lambda plan: plan["calibration"].update(notes=deep))
+    with pytest.raises(PlanError, match="'calibration' is nested deeper than 8 levels"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
 # ---------------------------------------------------------------------------- without optimum_msp installed
 STOCK_SCRIPT = textwrap.dedent(
     """

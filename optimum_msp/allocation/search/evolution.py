@@ -9,6 +9,9 @@
   global sparsity never drifts.
 * No genome is evaluated twice; randomness is drawn per generation from ``(seed, generation)``, and the
   state is saved after every generation, so an interrupted search resumes to the same result.
+* A checkpoint is keyed by the search's ``settings`` (everything that changes what it computes: model,
+  data, options; see :func:`optimum_msp.allocation.msp.search_settings`). One written under other settings is
+  refused with an error naming the file and the differing settings, unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from transformers.utils import logging as hf_logging
 
@@ -45,11 +48,42 @@ class SearchState:
 
     @classmethod
     def from_json(cls, text: str, settings: dict) -> Optional["SearchState"]:
+        """The saved state, or ``None`` when it was written under other ``settings``."""
         data = json.loads(text)
         if data.get("settings") != settings:
             return None
+        return cls.from_data(data)
+
+    @classmethod
+    def from_data(cls, data: dict) -> "SearchState":
         return cls(data["generation"], [tuple(g) for g in data["population"]],
                    {tuple(g): f for g, f in data["fitness"]}, list(data["history"]))
+
+
+def _normalised(settings: dict) -> dict:
+    """``settings`` as they read back from the checkpoint (tuples become lists, keys strings; values JSON cannot
+    hold, e.g. in a custom pruner's options, by their text)."""
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def differing_settings(saved: Any, current: dict) -> List[str]:
+    """Names of the settings that differ between a checkpoint's and the current run's (``saved`` may be anything)."""
+    if not isinstance(saved, dict):
+        return ["(the checkpoint records no settings)"]
+    differing = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):  # name the option, not the group ("options.fitness_samples")
+            differing.extend(f"{key}.{sub}" for sub in sorted(set(old) | set(new)) if old.get(sub) != new.get(sub))
+        else:
+            differing.append(key)
+    return differing
+
+
+class SearchCheckpointMismatch(ValueError):
+    """A search checkpoint written under other settings than the current run's."""
 
 
 class EvolutionarySearch:
@@ -66,6 +100,7 @@ class EvolutionarySearch:
         crossover_rate: float = 0.7,
         checkpoint: Optional[str] = None,
         settings: Optional[dict] = None,
+        overwrite: bool = False,
     ):
         if population_size < 2:
             raise ValueError("population_size must be at least 2.")
@@ -79,8 +114,10 @@ class EvolutionarySearch:
         self.tournament = tournament
         self.crossover_rate = crossover_rate
         self.checkpoint = Path(checkpoint) if checkpoint else None
-        self.settings = dict(settings or {}, population_size=population_size, seed=seed,
-                             seed_genome=list(self.seed_genome))
+        self.overwrite = overwrite
+        self.settings = _normalised(dict(settings or {}, population_size=population_size, seed=seed,
+                                         seed_genome=list(self.seed_genome), elite=self.elite,
+                                         tournament=tournament, crossover_rate=crossover_rate))
         self.state = SearchState()
         self.new_evaluations = 0
 
@@ -167,9 +204,31 @@ class EvolutionarySearch:
     def _resume(self) -> bool:
         if self.checkpoint is None or not self.checkpoint.is_file():
             return False
-        state = SearchState.from_json(self.checkpoint.read_text(), self.settings)
-        if state is None:
-            logger.warning("Search checkpoint %s was made with other settings; starting afresh.", self.checkpoint)
+        try:
+            data = json.loads(self.checkpoint.read_text())
+            saved = data.get("settings") if isinstance(data, dict) else None
+            differing = differing_settings(saved, self.settings)
+            state = None if differing else SearchState.from_data(data)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            if not self.overwrite:
+                raise ValueError(
+                    f"The search checkpoint {self.checkpoint} cannot be read ({type(error).__name__}: {error}). Delete "
+                    "it, choose another search_checkpoint, or pass search_checkpoint_overwrite=True to start afresh "
+                    "and overwrite it."
+                ) from None
+            logger.warning("Search checkpoint %s is unreadable (%s); overwriting it (search_checkpoint_overwrite).",
+                           self.checkpoint, error)
+            return False
+        if differing:
+            if not self.overwrite:
+                raise SearchCheckpointMismatch(
+                    f"The search checkpoint {self.checkpoint} was written under other settings ({', '.join(differing)} "
+                    "differ): resuming it would return a plan searched for another model, data or options. Use the "
+                    "settings it was written with, choose another search_checkpoint, or pass "
+                    "search_checkpoint_overwrite=True to start afresh and overwrite it."
+                )
+            logger.warning("Search checkpoint %s was written under other settings (%s differ); starting afresh and "
+                           "overwriting it (search_checkpoint_overwrite).", self.checkpoint, ", ".join(differing))
             return False
         self.state = state
         logger.info("Resuming the search from generation %d (%s)", state.generation, self.checkpoint)
