@@ -17,6 +17,7 @@ from torch import nn
 
 from .allocation import ALLOCATORS, AllocationContext
 from .apply import apply_targets
+from .checks import check_model
 from .checkpoint import save_pruned
 from .checkpoint.marker import is_pruned_checkpoint, mark_pruned
 from .configuration import MSPConfig
@@ -110,6 +111,8 @@ class MSPPruner:
         elif config_kwargs:
             raise ValueError("Pass either an MSPConfig or keyword arguments, not both.")
         config = config.resolved()
+        # before any weight changes: a model that cannot hold a plan (no config) or whose statistics would be NaN
+        check_model(self.model)
         started = time.perf_counter()
         pruner = build_pruner(config.method, config.pruner_options())
         runner = BlockRunner(self.model, config.block_name, device=self.device)

@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from ..checks import check_model
 from ..data import CalibrationData
 from ..options import Options
 from ..plan import LayerTarget
@@ -49,11 +48,6 @@ class AllocationContext:
     runner: Any = None  # the BlockRunner of the model
     seed: int = 0
     batch_size: int = 1
-
-    def __post_init__(self):
-        # every run builds its context before any weight changes: the last point to refuse a model that cannot
-        # hold a plan (no config) or whose statistics would be NaN, with nothing pruned yet
-        check_model(self.model)
 
     @property
     def numels(self) -> Dict[str, int]:

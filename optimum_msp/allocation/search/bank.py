@@ -7,6 +7,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from ...checks import checked_prune
 from ...modeling.offload import write_matrix
 from ...modeling.weights import WeightSnapshot
 from ...plan import LayerTarget
@@ -41,7 +42,8 @@ class WeightBank:
             if masks_only:
                 self._pruned[key] = self.pruner.mask(dense.float(), self.stats.get(name), target).bool()
             else:
-                self._pruned[key] = self.pruner.prune(dense.float(), self.stats.get(name), target).to(dense.dtype)
+                # the checks of the final prune (finite in and out, the target held), naming the layer
+                self._pruned[key] = checked_prune(name, dense, self.pruner, self.stats.get(name), target).to(dense.dtype)
         if masks_only:  # the same product ScorePruner.prune computes
             return (dense.float() * self._pruned[key]).to(dense.dtype)
         return self._pruned[key]
