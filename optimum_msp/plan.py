@@ -65,9 +65,9 @@ def required_zeros(rows: int, cols: int, target: LayerTarget, per_row: Optional[
     pruner is allowed.
 
     * N:M: every group of ``m`` inputs drops ``m - n`` (exact; the groups themselves are checked separately).
-    * Unstructured, pruners that choose per output row (``per_row=True``: magnitude, Wanda and every
-      :class:`~optimum_msp.pruners.base.ScorePruner`, ``masks_per_row``): each row prunes ``round(sparsity * cols)`` weights, so at
-      least ``rows * floor(sparsity * cols)``.
+    * Unstructured, pruners that choose per output row (``per_row=True``: magnitude, Wanda, any pruner with
+      ``masks_per_row``): each row prunes ``round(sparsity * cols)`` weights, so at least
+      ``rows * floor(sparsity * cols)``.
     * Unstructured, SparseGPT (``per_row=False``): it selects over column blocks of ``rows * width`` weights and
       rounds once per block; ``width`` is its ``block_size`` (not recorded in the plan, and as small as 1), so a
       block may fall short by half a weight, i.e. at most half a weight per input column over the layer:
@@ -88,15 +88,6 @@ def required_zeros(rows: int, cols: int, target: LayerTarget, per_row: Optional[
         return by_row
     by_block = max(0, math.ceil(target.sparsity * rows * cols - cols / 2 - 1e-9))
     return min(by_row, by_block)
-
-
-def prunes_per_row(method: str) -> Optional[bool]:
-    """Whether the registered pruner ``method`` chooses its mask per output row (``None``: not registered here)."""
-    from .pruners.base import PRUNERS  # the pruners import this module
-
-    if method not in PRUNERS:
-        return None
-    return bool(PRUNERS.get(method).masks_per_row)
 
 
 def block_prefixes(name: str) -> Set[str]:
@@ -352,13 +343,16 @@ class SparsityPlan:
             report[name] = measure_layer(weight.detach(), nm)
         return SparsityReport(report)
 
-    def verify(self, model: torch.nn.Module) -> SparsityReport:
-        """Raise :class:`PlanError`, naming the layer, if any weight breaks the plan."""
+    def verify(self, model: torch.nn.Module, per_row: Optional[bool] = None) -> SparsityReport:
+        """Raise :class:`PlanError`, naming the layer, if any weight breaks the plan.
+
+        ``per_row``: whether the plan's method chooses its masks per output row, which sets the rounding allowed
+        (:func:`required_zeros`); ``None`` (the caller does not know the method) allows the looser of the two.
+        :func:`optimum_msp.checkpoint.verify_pruned` looks the method up in the registry of pruners."""
         from .modeling.blocks import weight_matrix
 
         report = self.measure(model)
         modules = dict(model.named_modules())
-        per_row = prunes_per_row(self.method)
         for name, measured in report.layers.items():
             layer = self.layers[name]
             if measured.nm_violations:

@@ -151,7 +151,7 @@ class MSPPruner:
         }
         # the weights as stored (offloaded ones included) must hold the plan: a layer left dense is an error here,
         # never a silent result
-        self.plan.verify(self.model)
+        self.plan.verify(self.model, per_row=pruner.masks_per_row)
         setattr(self.model.config, CONFIG_KEY, self.plan.to_dict())
         # the marker that makes a reload (with optimum_msp imported) verify the weights against the plan
         mark_pruned(self.model)

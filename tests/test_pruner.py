@@ -140,6 +140,7 @@ def test_the_config_seed_draws_the_calibration_and_the_search(tmp_path):
     (first, plan), (again, plan_again), (other, plan_other) = run(0), run(0), run(1)
     assert all(torch.equal(first[k], again[k]) for k in first) and plan.to_dict() == plan_again.to_dict()
     assert plan.calibration["seed"] == 0 and plan_other.calibration["seed"] == 1
+    assert plan.calibration["split"] == "train"  # the split read (a local file has one), not None for "default"
     assert not all(torch.equal(first[k], other[k]) for k in first)  # another seed, other windows
 
 

@@ -15,6 +15,7 @@ from typing import Any, Dict
 import torch
 
 from ..plan import CONFIG_KEY, PlanError, SparsityPlan
+from ..pruners.base import prunes_per_row
 
 QUANT_METHOD = "msp"
 CHECKPOINT_FORMATS = ("dense", "compact")
@@ -47,7 +48,8 @@ def verify_pruned(model: torch.nn.Module):
             f"{type(model).__name__}'s config is marked as pruned (quantization_config.quant_method='msp') but has "
             f"no {CONFIG_KEY!r}: the checkpoint's config.json is incomplete."
         )
-    return SparsityPlan.from_dict(data).verify(model)
+    plan = SparsityPlan.from_dict(data)
+    return plan.verify(model, per_row=prunes_per_row(plan.method))
 
 
 def is_pruned_checkpoint(folder: Path) -> bool:

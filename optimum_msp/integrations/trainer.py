@@ -31,6 +31,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..modeling.blocks import prunable_layers
+from ..checkpoint.marker import verify_pruned
 from ..plan import SparsityPlan
 
 logger = logging.getLogger(__name__)
@@ -220,4 +221,4 @@ class SparsityPreservingCallback(TrainerCallback):
         self.keeper.detach()
         base = _base_model(model if model is not None else self.keeper.model)
         if self.verify and SparsityPlan.from_config(getattr(base, "config", None)) is not None:
-            SparsityPlan.from_config(base.config).verify(base)
+            verify_pruned(base)

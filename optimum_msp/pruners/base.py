@@ -79,6 +79,11 @@ class ScorePruner(Pruner):
 PRUNERS: Registry[type] = Registry("pruning method")
 
 
+def prunes_per_row(method: str) -> Optional[bool]:
+    """Whether the registered pruner ``method`` chooses its mask per output row (``None``: not registered here)."""
+    return bool(PRUNERS.get(method).masks_per_row) if method in PRUNERS else None
+
+
 def build_pruner(name: str, options: Optional[Options] = None) -> Pruner:
     """The registered pruner ``name`` with ``options`` (its option class's defaults when ``None``)."""
     entry = PRUNERS.entry(name)

@@ -185,7 +185,8 @@ def test_save_reload_identical_logits(pruned_folder):
 def test_reload_runs_verification(pruned_folder, monkeypatch):
     calls = []
     original = SparsityPlan.verify
-    monkeypatch.setattr(SparsityPlan, "verify", lambda self, model: calls.append(1) or original(self, model))
+    monkeypatch.setattr(SparsityPlan, "verify",
+                        lambda self, model, **kwargs: calls.append(1) or original(self, model, **kwargs))
     AutoModelForCausalLM.from_pretrained(pruned_folder)
     assert calls == [1]
 
