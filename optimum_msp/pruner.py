@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -235,7 +234,8 @@ def _write_plot(plan: SparsityPlan, folder: Path) -> Optional[str]:
 def peak_rss_mb() -> Optional[float]:
     """Peak resident memory of this process so far, in MB (``None`` where the platform does not say)."""
     try:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    except (AttributeError, OSError):  # pragma: no cover - not POSIX
+        import resource  # POSIX only
+    except ImportError:  # pragma: no cover - Windows
         return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
