@@ -38,6 +38,16 @@ COLUMNS = ["size", "params_m", "method", "allocation", "where", "samples", "seql
            "commit"]
 
 
+def latest(rows):
+    """The latest row of each (size, method, allocation, where): a re-run supersedes the rows before it (the first
+    row of each size also built its model in the same process, which its peak then included)."""
+    kept = {}
+    for row in rows:
+        kept[(row["size"], row["method"], row["allocation"], row["where"], row["samples"], row["seqlen"])] = row
+    order = {size: i for i, size in enumerate(SIZES)}
+    return sorted(kept.values(), key=lambda r: (order[r["size"]], r["allocation"], r["method"], r["where"]))
+
+
 def with_estimate(row: dict) -> dict:
     """The row with ``optimum_msp.estimate``'s expected peak for the same model and settings, and the ratio."""
     from optimum_msp.estimate import estimate_memory
@@ -121,13 +131,13 @@ def main() -> None:
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.table:
-        print(markdown_table([with_estimate(row) for row in read_results(Path(args.output))], COLUMNS))
+        print(markdown_table([with_estimate(row) for row in latest(read_results(Path(args.output)))], COLUMNS))
         return
     if args.single:
         run_row(args.single, args)
         return
     run_rows(__file__, args.rows, sys.argv[1:])
-    print(markdown_table([with_estimate(row) for row in read_results(Path(args.output))], COLUMNS))
+    print(markdown_table([with_estimate(row) for row in latest(read_results(Path(args.output)))], COLUMNS))
 
 
 if __name__ == "__main__":
