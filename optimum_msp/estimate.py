@@ -9,7 +9,7 @@ each stage holds its own working set, and the peak is the largest of them:
 * ``prune`` (every run; also OWL's and the search's statistics passes): the calibration windows' hidden states
   entering a block and leaving it, one window's attention scores and MLP activations, one block brought in from
   disk (offloaded runs), the fp32 working copies of the layer being pruned, and the block's input statistics
-  (SparseGPT: a Hessian per distinct input, and five matrices of the widest one's size while it is factorized);
+  (SparseGPT: a Hessian per distinct input, and three matrices of the widest one's size while it is factorized);
 * ``fisher`` (``fisher``, ``msp``): one sequence's backward: with the model in memory every block's activations
   at once, block by block when offloaded; plus the head's logits;
 * ``search`` (``msp``): the dense copy of every pruned weight kept to restore the model, the bank of pruned
@@ -106,9 +106,9 @@ def estimate_memory(model_config: Mapping[str, Any], *, method: str = "wanda", a
              "block_from_disk": block_params * width if offloaded else 0, "layer_fp32_copies": 3 * largest * 4}
     if hessians:
         # the block's Hessians, and the factorization of the widest one (SparseGPT's inverse Cholesky factor):
-        # the Hessian read back symmetric, the dampened copy and its identity, the factor, the inverse and its factor
+        # the Hessian read back symmetric, and two of dampened copy / factor / inverse / its factor at a time
         widest = max(hidden, inter, heads * head_dim)
-        prune["statistics"] = hessians + 5 * widest**2 * 4
+        prune["statistics"] = hessians + 3 * widest**2 * 4
     stages = {"prune": prune}
     if allocation in ("fisher", "msp"):
         per_block = fisher_seqlen * (12 * hidden + 4 * inter) * 4 + heads * fisher_seqlen**2 * 4

@@ -77,5 +77,7 @@ class InputHessian:
 
     @property
     def hessian(self) -> torch.Tensor:
-        upper = torch.triu(self.xtx)
-        return (upper + torch.triu(self.xtx, diagonal=1).t()) * (2.0 / max(self.tokens, 1))
+        full = torch.triu(self.xtx)  # mirrored and scaled in place: one new matrix, not three
+        full += torch.triu(self.xtx, diagonal=1).t()
+        full *= 2.0 / max(self.tokens, 1)
+        return full

@@ -25,15 +25,22 @@ logger = logging.getLogger(__name__)
 
 
 def _upper_inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """cholesky(H^-1, upper) with relative dampening, raised tenfold until H is positive definite."""
+    """cholesky(H^-1, upper) with relative dampening, raised tenfold until H is positive definite.
+
+    At most two matrices of H's size live beside H at any time (the dampening is added to a copy's diagonal in
+    place, and each step drops the previous one): for a 28672-wide MLP input that is 3.3 GB per matrix."""
     diag_mean = torch.mean(torch.diag(hessian))
     damp = dampening
     for _ in range(8):
-        damped = hessian + damp * diag_mean * torch.eye(hessian.shape[0], device=hessian.device)
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * diag_mean)
         chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             inverse = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0:
                 return upper
         logger.warning(
