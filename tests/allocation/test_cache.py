@@ -93,3 +93,15 @@ def test_weights_on_the_meta_device_cannot_be_hashed():
     with pytest.raises(cache.UnhashableModelError, match="meta"):
         cache.model_fingerprint(torch.nn.Linear(2, 2, device="meta"))
     assert len(cache.model_fingerprint(tiny_model("llama"))) == 64
+
+
+def test_offloaded_weights_are_hashed_from_where_they_are_stored(tmp_path):
+    """The same weights give the same key whether they sit on the module or in accelerate's offload storage."""
+    import accelerate
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path)
+    offloaded = accelerate.cpu_offload(AutoModelForCausalLM.from_pretrained(tmp_path), execution_device="cpu")
+    assert any(p.device.type == "meta" for p in offloaded.parameters())
+    assert cache.model_fingerprint(offloaded) == cache.model_fingerprint(in_memory)
