@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from typing import Dict, Iterable, List
 
 import torch
 
+from optimum_msp.pruner import peak_rss_mb  # noqa: F401  (re-exported for the bench scripts)
+
 RESULTS = Path(__file__).parent / "results"
 
 # The library reads local data only from OPTIMUM_MSP_DATA_DIR; the benchmarks use the shared copies beside the
@@ -20,10 +21,6 @@ RESULTS = Path(__file__).parent / "results"
 _SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if _SHARED_DATA.is_dir():
     os.environ.setdefault("OPTIMUM_MSP_DATA_DIR", str(_SHARED_DATA))
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def git_commit() -> str:
