@@ -16,6 +16,7 @@ from torch import nn
 from . import checks
 from .modeling.offload import read_matrix, write_matrix
 from .modeling.sequential import BlockRunner, forward_with_statistics
+from .modeling.weights import WeightSnapshot
 from .plan import LayerTarget
 from .pruners.base import Pruner
 
@@ -43,14 +44,19 @@ def apply_targets(
     calibration: Optional[torch.Tensor] = None,
     batch_size: int = 1,
     on_statistics: Optional[Callable[[Dict[str, object]], None]] = None,
+    restore: bool = False,
 ) -> Dict[str, float]:
     """Prune every layer named in ``targets``; return achieved sparsity per layer.
 
     ``on_statistics`` receives each block's input statistics (layer name -> accumulator) before its layers
-    are pruned with them.
+    are pruned with them. With ``restore``, each block is put back as it was once its pruned outputs have fed
+    the next block: the pass gathers what a sequential prune sees and leaves the model unchanged, holding a
+    copy of one block's weights at a time.
     """
     achieved: Dict[str, float] = {}
     if not pruner.needs_calibration:
+        if restore:
+            raise ValueError("restore=True is for statistics passes, which need a pruner that uses calibration data.")
         for block_layers in layers:
             for name, module in block_layers.items():
                 if name in targets:
@@ -59,16 +65,28 @@ def apply_targets(
     if calibration is None:
         raise ValueError(f"The {pruner.name!r} pruner needs calibration data.")
     inputs = runner.capture(calibration, batch_size)
-    for index, _block in runner.walk(inputs, desc=f"Pruning ({pruner.name})"):
-        chosen = {name: module for name, module in layers[index].items() if name in targets}
-        if not chosen:
-            continue
-        stats = forward_with_statistics(runner, index, inputs, chosen, pruner.new_statistics)
-        if on_statistics is not None:
-            on_statistics(stats)
-        for name, module in chosen.items():
-            achieved[name] = prune_layer(module, pruner, stats[name], targets[name], runner.device, name)
-        del stats
+    pruned_block: Optional[WeightSnapshot] = None  # the block to put back once its outputs are the next inputs
+    try:
+        for index, _block in runner.walk(inputs, desc=f"Pruning ({pruner.name})"):
+            if pruned_block is not None:
+                pruned_block.restore()
+                pruned_block = None
+            chosen = {name: module for name, module in layers[index].items() if name in targets}
+            if not chosen:
+                continue
+            stats = forward_with_statistics(runner, index, inputs, chosen, pruner.new_statistics)
+            if on_statistics is not None:
+                on_statistics(stats)
+            if restore:
+                if index == len(runner.blocks) - 1:
+                    continue  # its outputs feed nothing: pruning it would be undone unseen
+                pruned_block = WeightSnapshot(chosen)
+            for name, module in chosen.items():
+                achieved[name] = prune_layer(module, pruner, stats[name], targets[name], runner.device, name)
+            del stats
+    finally:
+        if pruned_block is not None:
+            pruned_block.restore()
     return achieved
 
 

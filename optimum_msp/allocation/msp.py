@@ -8,24 +8,28 @@ Every weight it changes is restored before it returns.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional
 
-from ..modeling.weights import WeightSnapshot
 from ..options import option
 from ..pruners.base import Pruner
 from ..version import __version__
 from .base import ALLOCATORS, AllocationContext, AllocationResult
+from . import cache
 from .cache import UnhashableModelError, ids_fingerprint, model_fingerprint
 from .fisher import FisherOptions, fisher_genome, fisher_sensitivity
 from .levels import LevelSpace
 from .search import EvolutionarySearch, FitnessEvaluator, WeightBank
-from .statistics import dense_layer_statistics, seeded_layer_statistics
+from .statistics import StatisticsStore, dense_layer_statistics, seeded_layer_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,12 @@ class SearchOptions(FisherOptions):
     search_cache_mb: int = option(
         1024, "memory for the search's cache of block outputs per plan prefix (less memory: more block runs, "
         "never another result)", kind=int, low=0)
+    search_bank_mb: int = option(
+        1024, "memory on the compute device for the search's pruned weights per layer and level; what does not fit "
+        "goes to the work folder on disk (less memory: more disk reads, never another result)", kind=int, low=0)
+    search_work_dir: Optional[str] = option(
+        None, "folder for the search's work files (input statistics that are not cached, bank entries pushed out of "
+        "memory), removed afterwards; default: a temporary folder in the cache directory", optional=True)
     search_checkpoint: Optional[str] = option(None, "file the MSP search saves each generation to and resumes from",
                                               optional=True)
     search_checkpoint_overwrite: bool = option(
@@ -69,8 +79,8 @@ def search_settings(context: AllocationContext, space: LevelSpace, statistics: s
     """Everything that changes what the search computes, as the key of its checkpoint: a checkpoint written under
     other settings is refused (or, with ``search_checkpoint_overwrite``, replaced), never silently resumed.
 
-    Left out on purpose: ``generations`` (a resumed search may run longer), ``search_cache_mb`` (memory, never
-    results) and the checkpoint's own path. The seed genome, population size and seed are added by the search.
+    Left out on purpose: ``generations`` (a resumed search may run longer), ``search_cache_mb``,
+    ``search_bank_mb`` and ``search_work_dir`` (memory and disk, never results) and the checkpoint's own path. The seed genome, population size and seed are added by the search.
     """
     options, budget, pruner = context.options, context.budget, context.pruner
     level_options = {name: getattr(options, name) for name in
@@ -97,6 +107,19 @@ def search_settings(context: AllocationContext, space: LevelSpace, statistics: s
     }
 
 
+@contextlib.contextmanager
+def work_folder(parent: Optional[str]) -> Iterator[Path]:
+    """A fresh folder for the search's work files under ``parent`` (default: the cache directory), removed
+    afterwards whatever happens."""
+    base = Path(parent) if parent else cache.cache_dir() / "work"
+    base.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="msp-search-", dir=base))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def search_statistics(choice: str, pruner: Pruner) -> str:
     """``"dense"`` or ``"seed"``: what ``search_statistics=choice`` means for this pruner."""
     if choice != "auto":
@@ -116,17 +139,17 @@ def msp(context: AllocationContext) -> AllocationResult:
 
     statistics = search_statistics(options.search_statistics, pruner)
     fitness_ids = context.calibration.held_out(options.fitness_samples, options.fitness_seqlen, context.seed + 1)
-    # the checkpoint's key, with the model hashed while it is still dense (the passes below change weights)
     settings = search_settings(context, space, statistics, fitness_ids) if options.search_checkpoint else None
-    with WeightSnapshot(context.modules) as dense:
-        stats = {}
+    with work_folder(options.search_work_dir) as work:
+        stats: Mapping = {}
         if pruner.needs_calibration and statistics == "seed":
             # inputs of every block as the final prune will see them, near the seed plan: from pruned blocks
-            stats = seeded_layer_statistics(context, space.targets(seed_genome), snapshot=dense)
+            stats = seeded_layer_statistics(context, space.targets(seed_genome), work_dir=str(work))
         elif pruner.needs_calibration:
-            stats = dense_layer_statistics(context, pruner.new_statistics)
+            stats = dense_layer_statistics(context, pruner.new_statistics, work_dir=str(work))
         statistics_done = time.perf_counter()
-        bank = WeightBank(pruner, context.modules, dense, stats)
+        bank = WeightBank(pruner, context.modules, stats, device=context.runner.device,
+                          memory_bytes=options.search_bank_mb << 20, folder=work / "bank")
         evaluator = FitnessEvaluator(context.runner, space, bank, fitness_ids, options.fitness, context.batch_size,
                                      cache_bytes=options.search_cache_mb << 20)
         search_started, search_cpu_started = time.perf_counter(), time.process_time()
@@ -139,6 +162,9 @@ def msp(context: AllocationContext) -> AllocationResult:
         search_seconds = time.perf_counter() - search_started
         search_cpu_seconds = time.process_time() - search_cpu_started
         memory = {name: round(size / 2**20, 1) for name, size in {**bank.nbytes(), **evaluator.nbytes()}.items()}
+        if isinstance(stats, StatisticsStore):
+            memory["statistics_on_disk"] = round(stats.nbytes_on_disk() / 2**20, 1)
+            stats.close()
     fitness = search.state.fitness
     summary = {
         "fitness": options.fitness,
@@ -161,7 +187,9 @@ def msp(context: AllocationContext) -> AllocationResult:
         "evaluations": len(fitness),
         "evaluations_this_run": search.new_evaluations,
         "blocks_run": evaluator.blocks_run,
-        "memory_mb": memory,  # what the search held (peak RSS also has the model, statistics, allocator slack)
+        "bank_entries_computed": bank.computed,
+        "bank_entries_read_back": bank.read_back,
+        "memory_mb": memory,  # what the search held (peak RSS also has the model, one block's statistics, slack)
     }
     logger.info("MSP search: best %s fitness %.5f (Fisher seed %.5f, uniform %s) after %d evaluations in %.0fs",
                 options.fitness, fitness[best], fitness[seed_genome], fitness.get(space.uniform()), len(fitness),

@@ -14,6 +14,7 @@ replayed everywhere silently give wrong activations in every block unlike it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -70,6 +71,35 @@ class BlockRunner:
         inputs, self.returns_tuple = capture_block_inputs(self.model, self.blocks, batches, self.returns_tuple)
         return inputs.to(self.device)
 
+    @contextlib.contextmanager
+    def onloaded(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index`` ready to compute on :attr:`device` inside the context (see
+        :func:`~optimum_msp.modeling.offload.onloaded`): several passes through one block pay for one move."""
+        with onloaded(self.blocks[index], self.device) as block:
+            yield block
+
+    @torch.no_grad()
+    def forward_block(
+        self, block: nn.Module, index: int, inputs: BlockInputs, hidden: List[torch.Tensor],
+        on_batch: Optional[Callable[[int], None]] = None, keep: bool = True,
+    ) -> List[torch.Tensor]:
+        """Forward ``hidden`` (the first ``len(hidden)`` batches) through the onloaded ``block`` (number ``index``)
+        with the block's own captured arguments; return the outputs if ``keep``."""
+        outputs = []
+        for j in range(len(hidden)):
+            if on_batch is not None:
+                on_batch(j)
+            args, kwargs = inputs.call_args(index, j)
+            try:
+                out = block_output(block(hidden[j], *args, **kwargs))
+            except BlockDone:
+                if keep:
+                    raise
+                continue
+            if keep:
+                outputs.append(out)
+        return outputs
+
     @torch.no_grad()
     def run_block(
         self, index: int, inputs: BlockInputs, on_batch: Optional[Callable[[int], None]] = None, keep: bool = True,
@@ -77,25 +107,12 @@ class BlockRunner:
     ) -> List[torch.Tensor]:
         """Forward every batch through block ``index``; return the outputs if ``keep`` (inputs untouched).
 
-        ``hidden`` replaces ``inputs.hidden`` (same batches, other hidden states: the MSP fitness replays
-        cached states of a candidate plan with the captured masks and position arguments).
+        ``hidden`` replaces ``inputs.hidden`` (the same batches or the first of them, other hidden states: the MSP
+        fitness replays cached states of a candidate plan with the captured masks and position arguments).
         """
-        hidden = inputs.hidden if hidden is None else hidden
-        outputs = []
-        with onloaded(self.blocks[index], self.device) as block:
-            for j in range(len(inputs)):
-                if on_batch is not None:
-                    on_batch(j)
-                args, kwargs = inputs.call_args(index, j)
-                try:
-                    out = block_output(block(hidden[j], *args, **kwargs))
-                except BlockDone:
-                    if keep:
-                        raise
-                    continue
-                if keep:
-                    outputs.append(out)
-        return outputs
+        with self.onloaded(index) as block:
+            return self.forward_block(block, index, inputs, inputs.hidden if hidden is None else hidden,
+                                      on_batch=on_batch, keep=keep)
 
     @torch.no_grad()
     def advance(self, index: int, inputs: BlockInputs) -> None:

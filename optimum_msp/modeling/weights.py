@@ -1,15 +1,17 @@
-"""Snapshots of layer weights, restored around anything that changes them for a while (a trial prune, the
-MSP search swapping candidate weights in)."""
+"""Snapshots of layer weights, restored around anything that changes them for a while (a trial prune of one
+block), and :func:`substituted`: running linear layers with other weights without writing them anywhere (the MSP
+search's candidates)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .offload import read_matrix, write_matrix
+from .offload import is_offloaded, read_matrix, read_stored, write_matrix
 
 
 class WeightSnapshot:
@@ -51,3 +53,44 @@ def restored(modules: Dict[str, nn.Module], snapshot: Optional[WeightSnapshot] =
         yield snapshot
     finally:
         snapshot.restore()
+
+
+def _bias(module: nn.Module) -> Optional[torch.Tensor]:
+    if getattr(module, "bias", None) is None:
+        return None
+    return read_stored(module, "bias") if is_offloaded(module) else module.bias
+
+
+class _WithWeight:
+    """A linear layer's forward with another ``[out, in]`` weight (the layer's own bias)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        return F.linear(x, self.weight.to(x.device, x.dtype), bias)
+
+
+@contextlib.contextmanager
+def substituted(weights: Mapping[nn.Module, torch.Tensor]) -> Iterator[None]:
+    """Inside the context, each linear module computes with the given ``[out, in]`` weight instead of its own.
+
+    Nothing is written to the model: the module's ``forward`` is shadowed for the duration (an instance attribute,
+    as accelerate's own hooks are), so a model held on the host or offloaded to disk is never rewritten, no dense
+    copy is needed to restore it, and swapping a candidate in costs nothing. The model's forward hooks still run;
+    an offloaded layer's own weight is simply never loaded.
+    """
+    missing = object()
+    shadowed = []
+    try:
+        for module, weight in weights.items():
+            shadowed.append((module, module.__dict__.get("forward", missing)))
+            module.forward = _WithWeight(weight, _bias(module))
+        yield
+    finally:
+        for module, previous in reversed(shadowed):
+            if previous is missing:
+                del module.forward
+            else:
+                module.forward = previous

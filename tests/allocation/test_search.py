@@ -5,10 +5,11 @@ import torch
 
 from optimum_msp import MSPConfig
 from optimum_msp.allocation.search import EvolutionarySearch, FitnessEvaluator, WeightBank
-from optimum_msp.modeling.blocks import prunable_layers, weight_matrix
+from optimum_msp.modeling.blocks import prunable_layers
 from optimum_msp.modeling.sequential import BlockRunner
 from optimum_msp.pruners import get_pruner
-from optimum_msp.modeling.weights import WeightSnapshot
+from optimum_msp.modeling.offload import write_matrix
+from optimum_msp.modeling.weights import restored
 from tiny_models import calibration_ids, level_space, tiny_model
 
 
@@ -115,26 +116,41 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
     assert len(calls) < len(uninterrupted.state.fitness)  # the first generations were not re-evaluated
 
 
-def _search_parts(arch: str):
-    """A tiny model with the level space, runner and Wanda weight bank the MSP search would build (60 %)."""
+def _search_parts(arch: str, method: str = "wanda", **bank_options):
+    """A tiny model with the level space, runner and weight bank the MSP search would build (60 %)."""
     from optimum_msp.apply import dense_statistics
 
     model = tiny_model(arch)
     layers = prunable_layers(model)
     numels = {n: m.weight.numel() for b in layers for n, m in b.items()}
-    space = level_space(MSPConfig(method="wanda", sparsity=0.6), layers, numels)
+    space = level_space(MSPConfig(method=method, sparsity=0.6), layers, numels)
     runner = BlockRunner(model)
-    pruner = get_pruner("wanda")
+    pruner = get_pruner(method)
     stats = {}
     for _, block_stats in dense_statistics(runner, layers, calibration_ids(4, 32), pruner.new_statistics):
         stats.update(block_stats)
     modules = {n: m for b in layers for n, m in b.items()}
-    return model, space, runner, WeightBank(pruner, modules, WeightSnapshot(modules), stats)
+    return model, space, runner, WeightBank(pruner, modules, stats, **bank_options)
 
 
 @pytest.fixture(scope="module")
 def evaluator_setup():
     return _search_parts("llama")
+
+
+def _written_loss(model, bank, space, genome, ids, kind, dense_logits=None):
+    """The plan's loss measured the plain way: its pruned weights written into the model, a full forward, the
+    model put back."""
+    with restored(bank.modules):
+        for unit, s in zip(space.units, genome):
+            for name in unit:
+                write_matrix(bank.modules[name], bank.weight(name, space.target(s)))
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+    if kind == "ppl":
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+    return torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1),
+                                      log_target=True, reduction="sum").item() / ids.numel()
 
 
 @pytest.mark.parametrize("kind", ["kl", "ppl"])
@@ -147,17 +163,7 @@ def test_fitness_matches_a_full_forward_and_reuses_prefixes(evaluator_setup, kin
     genome = space.quantize([0.5, 0.6, 0.7])
     value = evaluator(genome)
     # the same plan applied directly to the model, evaluated with a plain forward
-    for unit, s in zip(space.units, genome):
-        for name in unit:
-            bank.load(name, space.target(s))
-    with torch.no_grad():
-        logits = model(ids).logits
-    bank.restore()
-    if kind == "ppl":
-        expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
-    else:
-        expected = torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1),
-                                              log_target=True, reduction="sum").item() / ids.numel()
+    expected = _written_loss(model, bank, space, genome, ids, kind, dense_logits)
     assert value == pytest.approx(expected, rel=1e-3, abs=1e-6)
     # a genome sharing the first block's level re-runs only the later blocks
     before = evaluator.blocks_run
@@ -169,14 +175,17 @@ def test_fitness_matches_a_full_forward_and_reuses_prefixes(evaluator_setup, kin
     assert evaluator.blocks_run - before == 0
 
 
-def test_bank_restores_dense_weights(evaluator_setup):
+def test_the_search_never_writes_the_model(evaluator_setup):
+    """Candidates run with the bank's weights substituted at forward time: the model's weights are the dense ones
+    all along (no dense copy is needed to restore them)."""
     model, space, runner, bank = evaluator_setup
-    name = next(iter(bank.modules))
-    dense = weight_matrix(bank.modules[name]).clone()
-    bank.load(name, space.target(space.upper[0]))
-    assert not torch.equal(weight_matrix(bank.modules[name]), dense)
-    bank.restore()
-    assert torch.equal(weight_matrix(bank.modules[name]), dense)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluator = FitnessEvaluator(runner, space, bank, calibration_ids(2, 32, seed=11), kind="ppl")
+    pruned = evaluator(space.quantize([0.75, 0.6, 0.45]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all("forward" not in module.__dict__ for module in bank.modules.values())  # nothing left shadowed
+    # and the substitution really took effect: the dense model's loss is another number
+    assert evaluator._loss(evaluator._logits(evaluator._run_dense())) != pytest.approx(pruned, rel=1e-4)
 
 
 def test_bank_of_a_masking_pruner_stores_masks_and_gives_the_pruners_weights(evaluator_setup):
@@ -184,30 +193,86 @@ def test_bank_of_a_masking_pruner_stores_masks_and_gives_the_pruners_weights(eva
     for name in list(bank.modules)[:3]:
         for level in (space.lower[0], space.upper[0]):
             target = space.target(level)
-            expected = bank.pruner.prune(bank.dense[name].float(), bank.stats.get(name), target)
+            expected = bank.pruner.prune(bank.dense(name).float(), bank.stats.get(name), target)
             assert torch.equal(bank.weight(name, target), expected)
-            assert bank._pruned[(name, target)].dtype == torch.bool  # a quarter of an fp32 copy
+            assert bank.entry(name, target).dtype == torch.bool  # one byte per weight
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_bank_over_its_memory_spills_to_disk_and_reads_back_the_same_entries(tmp_path, method):
+    _, space, _, roomy = _search_parts("llama", method)
+    _, _, _, tight = _search_parts("llama", method, memory_bytes=0, folder=tmp_path / "bank")
+    names = list(roomy.modules)[:4]
+    targets = [space.target(space.lower[0]), space.target(space.upper[0])]
+    first = {(n, t): roomy.weight(n, t) for t in targets for n in names}
+    for key, weight in first.items():
+        assert torch.equal(tight.weight(*key), weight)
+    # one entry in memory at a time, the rest on disk; asked again, they come back from there, not recomputed
+    assert tight.nbytes()["bank"] == tight.entry(*next(reversed(first))).numel() * \
+        tight.entry(*next(reversed(first))).element_size()
+    computed = tight.computed
+    for key, weight in first.items():
+        assert torch.equal(tight.weight(*key), weight)
+    assert tight.computed == computed and tight.read_back >= len(first) - 1
+    assert tight.nbytes()["bank_on_disk"] > 0 and len(list((tmp_path / "bank").glob("*.safetensors"))) == len(first)
+
+
+def test_a_generation_is_evaluated_block_major_with_the_results_of_one_at_a_time(evaluator_setup, monkeypatch):
+    _, space, runner, bank = evaluator_setup
+    ids = calibration_ids(2, 32, seed=11)
+    genomes = [space.quantize(levels) for levels in
+               ([0.5, 0.6, 0.7], [0.5, 0.7, 0.6], [0.7, 0.6, 0.5], [0.6, 0.6, 0.6], [0.5, 0.6, 0.7])]
+    one_by_one = FitnessEvaluator(runner, space, bank, ids, kind="ppl")
+    expected = [one_by_one(g) for g in genomes]
+    together = FitnessEvaluator(runner, space, bank, ids, kind="ppl")
+    onloads = []
+    original = runner.onloaded
+
+    def counting(index):
+        onloads.append(index)
+        return original(index)
+
+    monkeypatch.setattr(runner, "onloaded", counting)
+    assert together.evaluate(genomes) == expected
+    assert onloads == list(range(len(runner.blocks)))  # each block onloaded once for the whole generation
+    # four distinct plans; the first two share block 0's level (one forward through block 0 for both)
+    assert together.blocks_run == one_by_one.blocks_run == 4 * len(runner.blocks) - 1
+
+
+def test_fitness_on_the_first_batches_only(evaluator_setup):
+    _, space, runner, bank = evaluator_setup
+    ids = calibration_ids(4, 32, seed=11)
+    genome = space.quantize([0.5, 0.6, 0.7])
+    full = FitnessEvaluator(runner, space, bank, ids, kind="ppl")
+    first_two = FitnessEvaluator(runner, space, bank, ids[:2], kind="ppl")
+    assert full.evaluate([genome], batches=2) == pytest.approx(first_two.evaluate([genome]), rel=1e-6)
+    # the two-batch states of the cache are not enough for four batches: the whole plan runs again
+    before = full.blocks_run
+    value = full.evaluate([genome])[0]
+    assert full.blocks_run - before == len(runner.blocks)
+    assert value == pytest.approx(FitnessEvaluator(runner, space, bank, ids, kind="ppl")(genome), rel=1e-6)
 
 
 def test_memory_accounting_counts_what_the_search_holds(evaluator_setup):
     model, space, runner, shared_bank = evaluator_setup
-    shared_bank.restore()
-    bank = WeightBank(shared_bank.pruner, shared_bank.modules, shared_bank.snapshot, shared_bank.stats)  # empty
+    bank = WeightBank(shared_bank.pruner, shared_bank.modules, shared_bank.stats)  # empty
     ids = calibration_ids(2, 32, seed=11)
     evaluator = FitnessEvaluator(runner, space, bank, ids, kind="ppl")
     entry = sum(h.numel() * h.element_size() for h in evaluator.inputs.hidden)
-    assert evaluator.nbytes() == {"fitness_inputs": entry, "hidden_cache_peak": 0, "reference_logprobs": 0}
+    assert evaluator.nbytes() == {"fitness_inputs": entry, "hidden_cache_peak": 0, "generation_hidden_peak": 0,
+                                  "reference_logprobs": 0}
     assert bank.nbytes()["bank"] == 0
-    evaluator(space.quantize([0.5, 0.6, 0.7]))
-    # one cached output per block; one bank entry per layer, a boolean mask (one byte per weight)
-    assert evaluator.nbytes()["hidden_cache_peak"] == len(runner.blocks) * entry
-    assert len(bank._pruned) == len(bank.modules)
-    assert bank.nbytes()["bank"] == sum(weight.numel() for weight in bank.dense.values())
-    assert bank.nbytes()["dense_copy"] == sum(w.numel() * 4 for w in bank.dense.values())
+    plans = [space.quantize([0.5, 0.6, 0.7]), space.quantize([0.7, 0.6, 0.5])]
+    evaluator.evaluate(plans)
+    # one cached output per block and plan prefix; two plans alive per block; a boolean mask per layer and level
+    assert evaluator.nbytes()["hidden_cache_peak"] == 2 * len(runner.blocks) * entry
+    assert evaluator.nbytes()["generation_hidden_peak"] == 2 * entry
+    entries = {(name, plan[unit]) for plan in plans for unit, names in enumerate(space.units) for name in names}
+    masks = sum(bank.dense(name).numel() for name, _ in entries)
+    assert bank.nbytes()["bank"] == bank.nbytes()["bank_peak"] == masks
     kl = FitnessEvaluator(runner, space, bank, ids, kind="kl")
     vocab = model.config.vocab_size
     assert kl.nbytes()["reference_logprobs"] == ids.numel() * vocab * 4
-    bank.restore()
 
 
 def test_a_smaller_prefix_cache_costs_block_runs_never_results(evaluator_setup):
@@ -222,7 +287,6 @@ def test_a_smaller_prefix_cache_costs_block_runs_never_results(evaluator_setup):
     assert roomy.blocks_run == 3 * blocks - 1  # the third plan shares block 0 with the first; the fourth is cached
     assert tight.blocks_run == 4 * blocks - 1  # only the last plan's outputs stay: the fourth re-runs blocks 1..
     assert tight.nbytes()["hidden_cache_peak"] == blocks * tight.nbytes()["fitness_inputs"]
-    bank.restore()
 
 
 def test_search_cache_size_is_validated():
@@ -247,12 +311,7 @@ def test_fitness_matches_the_model_when_blocks_differ_by_layer_type():
     assert dense == pytest.approx(model_loss(), rel=1e-5)
     genome = space.quantize([0.5 + 0.04 * (i % 5) for i in range(len(space))])
     value = evaluator(genome)
-    for unit, s in zip(space.units, genome):
-        for name in unit:
-            bank.load(name, space.target(s))
-    expected = model_loss()
-    bank.restore()
-    assert value == pytest.approx(expected, rel=1e-4)
+    assert value == pytest.approx(_written_loss(model, bank, space, genome, ids, "ppl"), rel=1e-4)
 
 
 # ------------------------------------------------------------------------- search checkpoints and their key

@@ -29,8 +29,9 @@ def _state(stats):
 
 
 def _cache_files(tmp_path):
+    """The statistics cache's entries: one folder each (an index and one file per block)."""
     folder = tmp_path / "cache" / "statistics"
-    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return sorted(path.parent for path in folder.glob("*/index.json")) if folder.is_dir() else []
 
 
 @pytest.mark.parametrize("make_stats", [InputNorms, InputHessian])
@@ -67,13 +68,15 @@ def test_cache_is_keyed_by_data_and_kind(tmp_path):
 def test_damaged_entry_is_recomputed_with_a_warning(tmp_path, caplog):
     expected = _state(statistics.dense_layer_statistics(_context(), InputNorms))
     (entry,) = _cache_files(tmp_path)
-    entry.write_bytes(entry.read_bytes()[:100])
+    block_file = sorted(entry.glob("block-*.safetensors"))[1]
+    block_file.write_bytes(block_file.read_bytes()[:100])
     with caplog.at_level(logging.WARNING, logger="optimum_msp.allocation.statistics"):
         again = statistics.dense_layer_statistics(_context(), InputNorms)
     assert "unreadable statistics cache" in caplog.text
     for name, (tokens, tensors) in expected.items():
         assert again[name].tokens == tokens and torch.equal(again[name].sum_squares, tensors[0])
-    assert statistics._load(entry, InputNorms, again)  # rewritten whole
+    (rewritten,) = _cache_files(tmp_path)
+    statistics.StatisticsStore(rewritten, InputNorms).validate(again)  # rewritten whole
 
 
 @pytest.mark.parametrize("allocation", ["owl", "msp"])

@@ -168,13 +168,35 @@ class EvolutionarySearch:
 
     # ---------------------------------------------------------------------------------------- running
     def _evaluate(self, population: Sequence[Genome], progress=None) -> None:
-        for genome in population:
-            if genome not in self.state.fitness:
-                self.state.fitness[genome] = self.fitness_fn(genome)
-                self.new_evaluations += 1
+        """Score the genomes of ``population`` not scored yet: all at once when the fitness can (block-major, see
+        :meth:`FitnessEvaluator.evaluate`), the progress bar moving block by block."""
+        new = [g for g in dict.fromkeys(population) if g not in self.state.fitness]
+        if not new:
+            return
+        evaluate_many = getattr(self.fitness_fn, "evaluate", None)
+        if evaluate_many is None:
+            values = []
+            for genome in new:
+                values.append(self.fitness_fn(genome))
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(best=f"{min(self.state.fitness.values()):.4f}")
+        else:
+            shown = [0]
+
+            def on_block(done: int, total: int) -> None:
+                if progress is not None:
+                    reached = len(new) * done // total
+                    progress.update(reached - shown[0])
+                    shown[0] = reached
+
+            values = evaluate_many(new, on_block=on_block)
+            if progress is not None:
+                progress.update(len(new) - shown[0])
+        for genome, value in zip(new, values):
+            self.state.fitness[genome] = value
+        self.new_evaluations += len(new)
+        if progress is not None:
+            progress.set_postfix(best=f"{min(self.state.fitness.values()):.4f}")
 
     def _ranked(self, population: Sequence[Genome]) -> List[Genome]:
         return sorted(set(population), key=lambda g: (self.state.fitness[g], g))

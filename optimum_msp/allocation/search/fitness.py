@@ -1,27 +1,36 @@
-"""Fast fitness of a candidate plan: loss of the pruned model on held-out calibration windows.
+"""Fast fitness of candidate plans: loss of the pruned model on held-out calibration windows.
 
-Three savings make hundreds of evaluations affordable:
+Four savings make hundreds of evaluations affordable:
 
-* pruned weights come from a :class:`WeightBank` (computed once per layer and level), so an evaluation
-  only swaps tensors in;
-* hidden states are cached per genome prefix: a candidate that shares its first k blocks' levels with an
-  evaluated one re-runs only blocks >= k;
+* pruned weights come from a :class:`WeightBank` (computed once per layer and level) and are substituted at
+  forward time, so a candidate costs no weight copy and the model is never written;
+* a generation is evaluated *block-major*: all its candidates advance through block ``i`` together, so each block
+  is onloaded (and its bank entries read) once per generation, and candidates that agree on every level up to
+  block ``i`` share one forward through it;
+* hidden states are cached per genome prefix across generations: a candidate that shares its first k blocks'
+  levels with an evaluated one re-runs only blocks >= k;
 * the model's own head (final norm, ``lm_head``) is run by replaying cached block outputs through the
   model's forward, which keeps this architecture-agnostic.
+
+A fitness may be measured on the first ``batches`` fitness batches only (the search's multi-step selection scores
+many candidates on few tokens and the best on all of them).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ...modeling.sequential import BlockInputs, BlockRunner
+from ...modeling.weights import substituted
 from ..levels import Genome, LevelSpace
 from .bank import WeightBank
+
+Hidden = List[torch.Tensor]
 
 
 class FitnessEvaluator:
@@ -40,8 +49,8 @@ class FitnessEvaluator:
         self.bank = bank
         self.kind = kind
         self.batches = [fitness_ids[i : i + batch_size] for i in range(0, fitness_ids.shape[0], batch_size)]
-        # every block's own arguments (masks, position embeddings differ between layer types), replayed by
-        # runner.run_block with the hidden states of a candidate plan
+        # every block's own arguments (masks, position embeddings differ between layer types), replayed with the
+        # hidden states of a candidate plan
         self.inputs: BlockInputs = runner.capture(fitness_ids, batch_size)
         self.block_units: Dict[int, List[int]] = {}
         for unit, block in enumerate(space.unit_blocks):
@@ -49,53 +58,55 @@ class FitnessEvaluator:
         count = len(runner.blocks)
         # genome entries that decide blocks 0..b: the cache key of block b's output
         self._prefix_end = [sum(1 for ub in space.unit_blocks if ub <= b) for b in range(count)]
-        self._cache: "OrderedDict[Tuple, List[torch.Tensor]]" = OrderedDict()
-        self._entry_bytes = sum(h.numel() * h.element_size() for h in self.inputs.hidden)
+        self._cache: "OrderedDict[Tuple, Hidden]" = OrderedDict()
+        self._batch_bytes = [h.numel() * h.element_size() for h in self.inputs.hidden]
+        self._entry_bytes = sum(self._batch_bytes)
         self._cache_entries = max(count, cache_bytes // max(self._entry_bytes, 1))
         self._cache_peak_entries = 0
+        self._working_peak_bytes = 0
         self.blocks_run = 0
         self.evaluations = 0
         self.reference: Optional[List[torch.Tensor]] = None
         if kind == "kl":
-            bank.restore()
             # fp32: KL is a small difference of log-probabilities, bf16 would swamp it
             self.reference = [F.log_softmax(l, dim=-1) for l in self._logits(self._run_dense())]
 
     def nbytes(self) -> Dict[str, int]:
-        """Memory held: the block inputs of the fitness windows, the peak of the prefix cache of block
-        outputs, and the dense reference log-probabilities (``kl`` fitness only)."""
+        """Memory held: the block inputs of the fitness windows, the peak of the prefix cache of block outputs,
+        the peak of one generation's hidden states alive at one block, and the dense reference log-probabilities
+        (``kl`` fitness only)."""
         return {
             "fitness_inputs": self._entry_bytes,
             "hidden_cache_peak": self._cache_peak_entries * self._entry_bytes,
+            "generation_hidden_peak": self._working_peak_bytes,
             "reference_logprobs": sum(r.numel() * r.element_size() for r in self.reference or ()),
         }
 
+    # ------------------------------------------------------------------------------------------ pieces
     @torch.no_grad()
-    def _run_dense(self) -> List[torch.Tensor]:
+    def _run_dense(self) -> Hidden:
         hidden = list(self.inputs.hidden)
         for block in range(len(self.runner.blocks)):
-            hidden = self._run_block(block, hidden)
+            self.blocks_run += 1
+            hidden = self.runner.run_block(block, self.inputs, hidden=hidden)
         return hidden
 
-    def _run_block(self, block: int, hidden: List[torch.Tensor]) -> List[torch.Tensor]:
-        self.blocks_run += 1
-        return self.runner.run_block(block, self.inputs, hidden=hidden)
-
     @torch.no_grad()
-    def _logits(self, final_hidden: List[torch.Tensor]) -> List[torch.Tensor]:
+    def _logits(self, final_hidden: Hidden) -> List[torch.Tensor]:
         """Run the model's head on cached last-block outputs (see :meth:`BlockRunner.head`)."""
-        return [self.runner.head(final_hidden[j], ids).logits.float() for j, ids in enumerate(self.batches)]
+        return [self.runner.head(hidden, self.batches[j]).logits.float() for j, hidden in enumerate(final_hidden)]
 
     def _loss(self, logits: List[torch.Tensor]) -> float:
         total, count = 0.0, 0
-        for j, (ids, batch_logits) in enumerate(zip(self.batches, logits)):
+        for j, batch_logits in enumerate(logits):
+            ids = self.batches[j]
             if self.kind == "ppl":
                 loss = F.cross_entropy(batch_logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten().to(batch_logits.device),
                                        reduction="sum")
                 count += ids[:, 1:].numel()
             else:
-                reference = self.reference[j]
-                loss = F.kl_div(F.log_softmax(batch_logits, dim=-1), reference, log_target=True, reduction="sum")
+                loss = F.kl_div(F.log_softmax(batch_logits, dim=-1), self.reference[j], log_target=True,
+                                reduction="sum")
                 count += ids.numel()
             total += float(loss)
         return total / count
@@ -103,26 +114,87 @@ class FitnessEvaluator:
     def _key(self, block: int, genome: Genome) -> Tuple:
         return (block, tuple(genome[: self._prefix_end[block]]))
 
+    def _cached(self, key: Tuple, batches: int) -> Optional[Hidden]:
+        hidden = self._cache.get(key)
+        if hidden is None or len(hidden) < batches:
+            return None
+        self._cache.move_to_end(key)
+        return hidden[:batches]
+
+    def _remember(self, key: Tuple, hidden: Hidden) -> None:
+        known = self._cache.get(key)
+        if known is not None and len(known) >= len(hidden):
+            return
+        self._cache[key] = hidden
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_entries:
+            self._cache.popitem(last=False)
+        self._cache_peak_entries = max(self._cache_peak_entries, len(self._cache))
+
+    def _weights(self, block: int, genome: Genome) -> Dict[torch.nn.Module, torch.Tensor]:
+        weights = {}
+        for unit in self.block_units.get(block, ()):
+            target = self.space.target(genome[unit])
+            for name in self.space.units[unit]:
+                weights[self.bank.modules[name]] = self.bank.weight(name, target)
+        return weights
+
+    # ---------------------------------------------------------------------------------------- evaluating
     @torch.no_grad()
-    def __call__(self, genome: Genome) -> float:
+    def evaluate(self, genomes: Sequence[Genome], batches: Optional[int] = None, on_block=None) -> List[float]:
+        """The fitness of each genome on the first ``batches`` fitness batches (all by default), block-major.
+
+        ``on_block(done, total)`` is called after each block with the blocks run so far for this call.
+        """
+        batches = len(self.batches) if batches is None else max(1, min(batches, len(self.batches)))
         count = len(self.runner.blocks)
-        start, hidden = 0, list(self.inputs.hidden)
-        for block in range(count - 1, -1, -1):  # longest cached prefix
-            key = self._key(block, genome)
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                start, hidden = block + 1, self._cache[key]
-                break
-        for block in range(start, count):
-            for unit in self.block_units.get(block, ()):
-                target = self.space.target(genome[unit])
-                for name in self.space.units[unit]:
-                    self.bank.load(name, target)
-            hidden = self._run_block(block, hidden)
-            self._cache[self._key(block, genome)] = hidden
-            while len(self._cache) > self._cache_entries:
-                self._cache.popitem(last=False)
-            self._cache_peak_entries = max(self._cache_peak_entries, len(self._cache))
-        self.evaluations += 1
-        value = self._loss(self._logits(hidden))
-        return value if math.isfinite(value) else float("inf")
+        distinct = list(dict.fromkeys(tuple(g) for g in genomes))
+        # where each genome starts: after its longest cached prefix (whose output enters there)
+        start: Dict[Genome, int] = {}
+        entering: Dict[Tuple, Hidden] = {}
+        for genome in distinct:
+            start[genome] = 0
+            for block in range(count - 1, -1, -1):
+                key = self._key(block, genome)
+                hit = self._cached(key, batches)
+                if hit is not None:
+                    start[genome], entering[key] = block + 1, hit
+                    break
+        initial = list(self.inputs.hidden[:batches])
+        previous: Dict[Tuple, Hidden] = {}  # outputs of the last block run, per prefix key
+        final: Dict[Genome, Hidden] = {g: entering[self._key(count - 1, g)] for g in distinct if start[g] == count}
+        first = min(start.values(), default=count)
+        for block in range(first, count):
+            todo: "OrderedDict[Tuple, Genome]" = OrderedDict()
+            for genome in distinct:
+                if start[genome] <= block:
+                    todo.setdefault(self._key(block, genome), genome)
+            outputs: Dict[Tuple, Hidden] = {}
+            with self.runner.onloaded(block) as module:
+                for key, genome in todo.items():
+                    if block == 0:
+                        hidden = initial
+                    else:
+                        parent = self._key(block - 1, genome)
+                        hidden = previous[parent] if parent in previous else entering[parent]
+                    with substituted(self._weights(block, genome)):
+                        outputs[key] = self.runner.forward_block(module, block, self.inputs, hidden)
+                    self.blocks_run += 1
+                    self._remember(key, outputs[key])
+            previous = outputs
+            alive = len(previous) * sum(self._batch_bytes[:batches])
+            self._working_peak_bytes = max(self._working_peak_bytes, alive)
+            if on_block is not None:
+                on_block(block - first + 1, count - first)
+        for genome in distinct:
+            if genome not in final:
+                final[genome] = previous[self._key(count - 1, genome)]
+        values = {}
+        for genome in distinct:
+            value = self._loss(self._logits(final[genome]))
+            values[genome] = value if math.isfinite(value) else float("inf")
+            self.evaluations += 1
+        return [values[tuple(g)] for g in genomes]
+
+    def __call__(self, genome: Genome) -> float:
+        return self.evaluate([genome])[0]
