@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from ..options import option
 from ..pruners.base import Pruner
@@ -47,6 +47,13 @@ class SearchOptions(FisherOptions):
         "weights they keep (SparseGPT), dense otherwise", choices=("auto", "dense", "seed"))
     population_size: int = option(12, "MSP search: plans per generation", kind=int, low=2)
     generations: int = option(10, "MSP search: generations", kind=int, low=0)
+    offspring: int = option(
+        0, "MSP search: new plans bred per generation (0: population_size - 2, each given the full fitness); with "
+        "selection_steps most of them are only screened on a few fitness windows", kind=int, low=0)
+    selection_steps: str = option(
+        "", "MSP search multi-step selection before the full fitness: comma-separated WINDOWS:SURVIVORS, e.g. "
+        "'1:8,2:4' scores every child on the first fitness window and keeps the best 8, scores those on the first 2 "
+        "and keeps 4; the survivors get the full fitness ('' : none)")
     search_cache_mb: int = option(
         1024, "memory for the search's cache of block outputs per plan prefix (less memory: more block runs, "
         "never another result)", kind=int, low=0)
@@ -61,6 +68,30 @@ class SearchOptions(FisherOptions):
     search_checkpoint_overwrite: bool = option(
         False, "when search_checkpoint was written with other settings (model, data, options), start afresh and "
         "overwrite it instead of refusing", kind=bool)
+
+    def check_together(self, sparsity: Optional[float] = None, **context):
+        super().check_together(sparsity=sparsity, **context)
+        steps = self.selection()
+        children = self.offspring or self.population_size - 2
+        for (windows, survivors), previous in zip(steps, [(0, children)] + steps):
+            if not (previous[0] < windows < self.fitness_samples):
+                raise ValueError(f"selection_steps: the windows of each step must grow and stay below fitness_samples "
+                                 f"({self.fitness_samples}), got {self.selection_steps!r}.")
+            if not (1 <= survivors < previous[1]):
+                raise ValueError(f"selection_steps: each step must keep fewer plans than it scores (offspring "
+                                 f"{children} first) and at least one, got {self.selection_steps!r}.")
+
+    def selection(self) -> List[Tuple[int, int]]:
+        """``selection_steps`` as ``[(windows, survivors), ...]``."""
+        steps = []
+        for part in filter(None, (p.strip() for p in self.selection_steps.split(","))):
+            try:
+                windows, survivors = (int(v) for v in part.split(":"))
+            except ValueError:
+                raise ValueError(f"selection_steps: {part!r} is not WINDOWS:SURVIVORS (two integers, e.g. '2:4'); "
+                                 f"got {self.selection_steps!r}.") from None
+            steps.append((windows, survivors))
+        return steps
 
 
 def _model_key(context: AllocationContext) -> str:
@@ -156,7 +187,9 @@ def msp(context: AllocationContext) -> AllocationResult:
         search = EvolutionarySearch(
             space, evaluator, seed_genome, options.population_size, options.generations, context.seed,
             checkpoint=options.search_checkpoint, settings=settings,
-            overwrite=options.search_checkpoint_overwrite,
+            overwrite=options.search_checkpoint_overwrite, offspring=options.offspring,
+            # windows -> the fitness batches that hold them
+            selection=[(-(-windows // context.batch_size), survivors) for windows, survivors in options.selection()],
         )
         best = search.run()
         search_seconds = time.perf_counter() - search_started
@@ -177,6 +210,9 @@ def msp(context: AllocationContext) -> AllocationResult:
         "fisher_fitness": fitness.get(seed_genome),
         "uniform_fitness": fitness.get(space.uniform()),
         "history": search.state.history,
+        "mean_history": search.state.mean_history,
+        "offspring": search.offspring,
+        "selection_steps": options.selection_steps,
         "levels": [space.sparsity(s) for s in best],
     }
     report = {

@@ -372,3 +372,105 @@ def test_an_unreadable_checkpoint_is_named(tmp_path):
     checkpoint.write_text("{not json")
     with pytest.raises(ValueError, match=rf"{checkpoint} cannot be read"):
         _toy_search(tmp_path).run()
+
+
+# ------------------------------------------------------------------------------------ multi-step selection
+class _ScreenedToy:
+    """A toy fitness with ``evaluate(genomes, batches=...)``: on fewer batches it sees the true fitness plus a
+    deterministic per-genome error that shrinks with the batches (as a loss on fewer tokens would)."""
+
+    batches_total = 4
+
+    def __init__(self, optimum):
+        self.optimum = optimum
+        self.calls = []  # (genome, batches)
+
+    def true(self, genome):
+        return float(sum((g - o) ** 2 for g, o in zip(genome, self.optimum)))
+
+    def evaluate(self, genomes, batches=None, on_block=None):
+        batches = batches or self.batches_total
+        values = []
+        for genome in genomes:
+            self.calls.append((genome, batches))
+            noise = (hash(genome) % 7 - 3) * (self.batches_total - batches) / self.batches_total
+            values.append(self.true(genome) + noise)
+        if on_block is not None:
+            on_block(1, 1)
+        return values
+
+    def __call__(self, genome):
+        return self.evaluate([genome])[0]
+
+
+def _screened_search(tmp_path=None, generations=6, selection=((1, 8), (2, 4)), offspring=24):
+    space = _space(MSPConfig(sparsity=0.6), units=10, numels=(100, 200))
+    toy = _ScreenedToy([(-1) ** i * (i % 3) for i in range(len(space))])
+    checkpoint = str(tmp_path / "search.json") if tmp_path else None
+    search = EvolutionarySearch(space, toy, space.uniform(), population_size=6, generations=generations, seed=5,
+                                checkpoint=checkpoint, offspring=offspring, selection=selection)
+    return search, toy
+
+
+def test_multi_step_selection_screens_many_children_on_few_batches_and_keeps_the_budget():
+    search, toy = _screened_search()
+    best = search.run()
+    full = [g for g, b in toy.calls if b == 4]
+    screened = [g for g, b in toy.calls if b < 4]
+    # per generation: 24 children on 1 batch (fewer when some were screened in an earlier generation: never twice),
+    # the best 8 on 2 batches, the best 4 get the full fitness
+    first_step = [g for g, b in toy.calls if b == 1]
+    assert 20 * search.generations < len(first_step) == len(set(first_step)) <= 24 * search.generations
+    assert len([c for c in toy.calls if c[1] == 2]) == 8 * search.generations
+    assert len(full) == len(set(full)) == 6 + 4 * search.generations  # never a full evaluation twice
+    assert all(search.space.is_feasible(g) for g in full + screened)
+    assert all(search.space.global_sparsity(g) == pytest.approx(0.6, abs=1e-12) for g in full + screened)
+    assert len(search.state.population) == 6
+    assert len(search.state.mean_history) == len(search.state.history) == search.generations
+    assert all(m >= b for m, b in zip(search.state.mean_history, search.state.history))
+    assert toy.true(best) < toy.true(search.space.uniform())
+
+
+def test_multi_step_selection_keeps_the_best_screened_children():
+    """The survivors of a step are the children with the lowest screened fitness, not any others."""
+    search, toy = _screened_search(generations=1)
+    search.run()
+    first_step = [g for g, b in toy.calls if b == 1]
+    scores = {g: search._screened[(g, 1)] for g in first_step}
+    kept = sorted(first_step, key=lambda g: (scores[g], g))[:8]
+    assert [g for g, b in toy.calls if b == 2] == kept
+
+
+def test_multi_step_selection_same_seed_same_plan_and_resume(tmp_path):
+    expected_search, _ = _screened_search(generations=5)
+    expected = expected_search.run()
+    again, _ = _screened_search(generations=5)
+    assert again.run() == expected
+    first, _ = _screened_search(tmp_path, generations=2)
+    first.run()
+    resumed, _ = _screened_search(tmp_path, generations=5)
+    assert resumed.run() == expected
+    assert resumed.state.history == expected_search.state.history
+
+
+def test_selection_steps_are_validated():
+    with pytest.raises(ValueError, match="selection_steps: 'x' is not WINDOWS:SURVIVORS"):
+        MSPConfig(allocation="msp", selection_steps="x")
+    with pytest.raises(ValueError, match="must grow and stay below fitness_samples"):
+        MSPConfig(allocation="msp", fitness_samples=4, offspring=16, selection_steps="2:8,2:4")
+    with pytest.raises(ValueError, match="keep fewer plans than it scores"):
+        MSPConfig(allocation="msp", fitness_samples=4, offspring=16, selection_steps="1:16")
+
+
+def test_an_msp_prune_with_multi_step_selection_records_it():
+    from optimum_msp import MSPPruner
+
+    pruner = MSPPruner(tiny_model("llama"))
+    pruner.prune(MSPConfig(method="wanda", sparsity=0.6, allocation="msp", population_size=4, generations=2,
+                           offspring=8, selection_steps="1:3", fisher_samples=2, fitness_samples=2,
+                           fitness_seqlen=16),
+                 calibration=calibration_ids(4, 32), fitness_ids=calibration_ids(2, 16, seed=7))
+    search = pruner.plan.search
+    assert search["offspring"] == 8 and search["selection_steps"] == "1:3"
+    assert len(search["mean_history"]) == 2
+    assert pruner.plan.planned_sparsity == pytest.approx(0.6, abs=1e-12)

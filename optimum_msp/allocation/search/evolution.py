@@ -7,6 +7,11 @@
   reused) followed by a budget repair behind the cut, and mutation by budget-preserving moves (one unit
   one level sparser, another unit of the same size one level denser). Every genome is feasible, so the
   global sparsity never drifts.
+* Multi-step selection (``offspring`` and ``selection``, after EvoPress, Sieberling et al. 2024): a generation
+  may breed many more children than it keeps, score them all on the first few fitness windows, keep the best,
+  re-score those on more windows, and so on; only the last survivors get the full fitness and join the
+  population (beside the elites, topped up from the old population when too few survive). Cheap screening lets a
+  generation look at many plans without being fooled by a small sample at the end.
 * No genome is evaluated twice; randomness is drawn per generation from ``(seed, generation)``, and the
   state is saved after every generation, so an interrupted search resumes to the same result.
 * A checkpoint is keyed by the search's ``settings`` (everything that changes what it computes: model,
@@ -22,7 +27,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from transformers.utils import logging as hf_logging
 
@@ -37,13 +42,14 @@ class SearchState:
     population: List[Genome] = field(default_factory=list)
     fitness: Dict[Genome, float] = field(default_factory=dict)
     history: List[float] = field(default_factory=list)  # best fitness after each generation
+    mean_history: List[float] = field(default_factory=list)  # the population's mean fitness after each generation
 
     def to_json(self, settings: dict) -> str:
         return json.dumps({
             "settings": settings, "generation": self.generation,
             "population": [list(g) for g in self.population],
             "fitness": [[list(g), f] for g, f in self.fitness.items()],
-            "history": self.history,
+            "history": self.history, "mean_history": self.mean_history,
         })
 
     @classmethod
@@ -57,7 +63,7 @@ class SearchState:
     @classmethod
     def from_data(cls, data: dict) -> "SearchState":
         return cls(data["generation"], [tuple(g) for g in data["population"]],
-                   {tuple(g): f for g, f in data["fitness"]}, list(data["history"]))
+                   {tuple(g): f for g, f in data["fitness"]}, list(data["history"]), list(data.get("mean_history", [])))
 
 
 def _normalised(settings: dict) -> dict:
@@ -101,6 +107,8 @@ class EvolutionarySearch:
         checkpoint: Optional[str] = None,
         settings: Optional[dict] = None,
         overwrite: bool = False,
+        offspring: int = 0,
+        selection: Sequence[Tuple[int, int]] = (),
     ):
         if population_size < 2:
             raise ValueError("population_size must be at least 2.")
@@ -115,9 +123,13 @@ class EvolutionarySearch:
         self.crossover_rate = crossover_rate
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.overwrite = overwrite
+        self.offspring = offspring or population_size - self.elite
+        self.selection = [tuple(step) for step in selection]  # (fitness batches, survivors) before the full fitness
         self.settings = _normalised(dict(settings or {}, population_size=population_size, seed=seed,
                                          seed_genome=list(self.seed_genome), elite=self.elite,
-                                         tournament=tournament, crossover_rate=crossover_rate))
+                                         tournament=tournament, crossover_rate=crossover_rate,
+                                         offspring=self.offspring, selection=self.selection))
+        self._screened: Dict[Tuple[Genome, int], float] = {}  # partial fitness per (genome, batches), this run only
         self.state = SearchState()
         self.new_evaluations = 0
 
@@ -167,36 +179,63 @@ class EvolutionarySearch:
         return ranked[min(contenders)]  # ranked best first
 
     # ---------------------------------------------------------------------------------------- running
-    def _evaluate(self, population: Sequence[Genome], progress=None) -> None:
-        """Score the genomes of ``population`` not scored yet: all at once when the fitness can (block-major, see
-        :meth:`FitnessEvaluator.evaluate`), the progress bar moving block by block."""
-        new = [g for g in dict.fromkeys(population) if g not in self.state.fitness]
-        if not new:
-            return
+    def _score(self, genomes: Sequence[Genome], progress=None, batches: Optional[int] = None) -> List[float]:
+        """Fitness of ``genomes`` (all at once when the fitness can: block-major, see
+        :meth:`FitnessEvaluator.evaluate`), on the first ``batches`` fitness batches when given; the progress bar
+        moves block by block."""
         evaluate_many = getattr(self.fitness_fn, "evaluate", None)
         if evaluate_many is None:
+            if batches is not None:
+                raise ValueError("multi-step selection needs a fitness with evaluate(genomes, batches=...)")
             values = []
-            for genome in new:
+            for genome in genomes:
                 values.append(self.fitness_fn(genome))
                 if progress is not None:
                     progress.update(1)
-        else:
-            shown = [0]
+            return values
+        shown = [0]
 
-            def on_block(done: int, total: int) -> None:
-                if progress is not None:
-                    reached = len(new) * done // total
-                    progress.update(reached - shown[0])
-                    shown[0] = reached
-
-            values = evaluate_many(new, on_block=on_block)
+        def on_block(done: int, total: int) -> None:
             if progress is not None:
-                progress.update(len(new) - shown[0])
-        for genome, value in zip(new, values):
+                reached = len(genomes) * done // total
+                progress.update(reached - shown[0])
+                shown[0] = reached
+
+        options = {} if batches is None else {"batches": batches}
+        values = evaluate_many(list(genomes), on_block=on_block, **options)
+        if progress is not None:
+            progress.update(len(genomes) - shown[0])
+        return values
+
+    def _evaluate(self, population: Sequence[Genome], progress=None) -> None:
+        """Give every genome of ``population`` not scored yet its full fitness."""
+        new = [g for g in dict.fromkeys(population) if g not in self.state.fitness]
+        if not new:
+            return
+        for genome, value in zip(new, self._score(new, progress)):
             self.state.fitness[genome] = value
         self.new_evaluations += len(new)
         if progress is not None:
             progress.set_postfix(best=f"{min(self.state.fitness.values()):.4f}")
+
+    def _screen(self, children: List[Genome], progress=None) -> List[Genome]:
+        """Multi-step selection: the children that survive every step (best first), scored on few batches."""
+        for batches, survivors in self.selection:
+            if len(children) <= survivors:
+                continue
+            todo = [g for g in children if (g, batches) not in self._screened]
+            for genome, value in zip(todo, self._score(todo, progress, batches)):
+                self._screened[(genome, batches)] = value
+            children = sorted(children, key=lambda g: (self._screened[(g, batches)], g))[:survivors]
+        return children
+
+    def _per_generation(self) -> int:
+        """Scorings per generation, the progress bar's unit: every screening step and the full fitness."""
+        counts, alive = [], self.offspring
+        for _batches, survivors in self.selection:
+            counts.append(alive)
+            alive = min(alive, survivors)
+        return sum(counts) + min(alive, self.population_size - self.elite)
 
     def _ranked(self, population: Sequence[Genome]) -> List[Genome]:
         return sorted(set(population), key=lambda g: (self.state.fitness[g], g))
@@ -257,8 +296,8 @@ class EvolutionarySearch:
         return True
 
     def run(self) -> Genome:
-        # one step per evaluation, from the first one: the initial population alone can take many minutes
-        per_generation = self.population_size - self.elite
+        # one step per scoring, from the first one: the initial population alone can take many minutes
+        per_generation = self._per_generation()
         progress = hf_logging.tqdm(total=self.population_size + self.generations * per_generation,
                                    desc="MSP search (evaluations)", disable=not hf_logging.is_progress_bar_enabled())
         if self._resume():
@@ -271,21 +310,31 @@ class EvolutionarySearch:
             generation = self.state.generation
             rng = self._rng(generation)
             ranked = self._ranked(self.state.population)
-            next_population = list(ranked[: self.elite])
+            elites = list(ranked[: self.elite])
+            children: List[Genome] = []
             attempts = 0
-            while len(next_population) < self.population_size and attempts < 50 * self.population_size:
+            while len(children) < self.offspring and attempts < 50 * self.offspring:
                 attempts += 1
                 a = self._select(ranked, rng)
                 child = self.crossover(a, self._select(ranked, rng), rng) if rng.random() < self.crossover_rate else a
                 child = self.mutate(child, rng, moves=rng.randint(1, 2))
-                if child in next_population or child in self.state.fitness:
+                if child in children or child in elites or child in self.state.fitness:
                     continue  # never evaluate a genome twice
-                next_population.append(child)
-            self._evaluate(next_population, progress)
+                children.append(child)
+            survivors = self._screen(children, progress)[: self.population_size - self.elite]
+            self._evaluate(survivors, progress)
+            next_population = elites + survivors
+            for genome in ranked[self.elite:]:  # too few survivors: the old population's next best stay
+                if len(next_population) >= self.population_size:
+                    break
+                if genome not in next_population:
+                    next_population.append(genome)
             self.state.population = next_population
             self.state.generation += 1
             best = self._ranked(next_population)[0]
             self.state.history.append(self.state.fitness[best])
+            values = [self.state.fitness[g] for g in next_population]
+            self.state.mean_history.append(sum(values) / len(values))
             self._save()
             progress.set_postfix(best=f"{self.state.fitness[best]:.4f}", generation=self.state.generation)
         progress.close()
