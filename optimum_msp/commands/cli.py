@@ -65,25 +65,24 @@ def _prune(args: argparse.Namespace) -> int:
 def _estimate(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from ..estimate import estimate_memory
+    from ..estimate import PLACEMENTS, estimate_memory
     from ..modeling import resolve_model_path
 
     config = config_from_args(args)
     model_config = AutoConfig.from_pretrained(resolve_model_path(args.model)).to_dict()
-    estimate = estimate_memory(
-        model_config, method=config.method, allocation=config.allocation,
-        num_calibration_samples=config.num_calibration_samples, seqlen=config.seqlen, batch_size=config.batch_size,
-        dtype=args.dtype, offloaded=args.offloaded, fisher_seqlen=config.fisher_seqlen,
-        search_cache_mb=config.search_cache_mb, fitness_samples=config.fitness_samples,
-        fitness_seqlen=config.fitness_seqlen, population_size=config.population_size,
-        generations=config.generations)
-    print(f"Expected peak host memory of `optimum-msp prune {args.model}` ({config.method}/{config.allocation}, "
-          f"{'blocks offloaded to disk' if args.offloaded else 'in memory'}):\n")
-    print(estimate.table())
+    estimate = estimate_memory(model_config, config, device=args.device, weights=args.weights, dtype=args.dtype,
+                               max_memory=args.max_memory, evaluate=args.eval_windows != 0,
+                               save={"none": "dense", "skip": None}.get(args.compact, args.compact))
+    print(f"Expected peaks of `optimum-msp prune {args.model}` ({config.method}/{config.allocation}, "
+          f"{estimate.dtype}, computed on {estimate.device}; weights: {PLACEMENTS[args.weights]}):\n")
+    print(estimate.summary())
+    print("\nWhat the largest stages hold:\n")
+    print(estimate.components())
+    for note in estimate.notes:
+        print(f"\nNote: {note}")
     if args.max_memory is not None:
-        fits = estimate.total <= args.max_memory * 2**30
-        print(f"\n{'fits' if fits else 'does NOT fit'} in --max-memory {args.max_memory:g} GiB")
-        return 0 if fits else 1
+        print(f"\n{'fits' if estimate.fits else 'does NOT fit'} in --max-memory {args.max_memory}")
+        return 0 if estimate.fits else 1
     return 0
 
 
@@ -161,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     """``prune`` and ``perplexity``; shared by ``optimum-msp`` and ``optimum-cli msp``."""
+    from ..estimate import PLACEMENTS
+
     sub = parser.add_subparsers(dest="msp_command", metavar="{prune,estimate,perplexity}")
     parser.set_defaults(func=lambda args: _usage(parser))
     prune = sub.add_parser("prune", help="prune a model and save it (plan in config.json)")
@@ -180,14 +181,27 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     _add_device_arguments(prune)
     add_config_arguments(prune)
     prune.set_defaults(func=_prune)
-    estimate = sub.add_parser("estimate", help="expected peak memory of a prune, from the model's config alone")
+    estimate = sub.add_parser(
+        "estimate", help="expected peak device memory, host memory and disk of a prune, from the model's config",
+        description="Expected peak device memory, host memory and disk of every stage of `optimum-msp prune`, from "
+                    "the model's config.json alone (no weights are loaded). Exit status: 0 when every stage fits "
+                    "--max-memory (or none is given), 1 when a stage does not fit, 2 on bad input. Formulas: "
+                    "docs/scaling.md.")
     estimate.add_argument("model", nargs="?", default="smollm2-135m", help="Hub id, local folder or alias")
+    estimate.add_argument("--device", default="cpu", help="where blocks are computed: cpu, cuda or cuda:N")
+    estimate.add_argument("--weights", default="device", choices=list(PLACEMENTS),
+                          help="where the weights are held: in memory on --device, in host memory (blocks moved to "
+                               "the GPU for their turn), offloaded by accelerate to host memory, or to disk "
+                               "(default: device)")
     estimate.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                           help="dtype the weights would be loaded in (default: auto, the checkpoint's own)")
-    estimate.add_argument("--offloaded", action="store_true",
-                          help="the decoder blocks offloaded to disk (--device-map with 'disk' entries)")
-    estimate.add_argument("--max-memory", type=float, default=None,
-                          help="GiB available: exit 1 when the estimate exceeds it")
+    estimate.add_argument("--max-memory", default=None, metavar="SPEC",
+                          help="what the machine offers, like accelerate's max_memory: e.g. "
+                               "cuda:0=80GiB,cpu=200GiB,disk=1TB (GiB: 2^30, GB: 10^9); exit 1 when a stage does "
+                               "not fit")
+    estimate.add_argument("--compact", choices=["none", "sparse", "deflate", "skip"], default="none",
+                          help="the save: dense (none), compact (sparse, deflate), or skip (no --output)")
+    estimate.add_argument("--eval-windows", type=int, default=16, help="0: the prune skips its evaluation")
     add_config_arguments(estimate)
     estimate.set_defaults(func=_estimate)
     ppl = sub.add_parser("perplexity", help="perplexity of a (pruned) model")
