@@ -17,9 +17,9 @@ hidden-state cache of ``search_cache_mb``), the final sequential prune, the eval
 
 from .budget import GIB, normal_device, parse_max_memory, parse_size
 from .shape import ModelShape
-from .stages import (CUDA_CONTEXT_BYTES, PLACEMENTS, RUNTIME_BYTES, SEARCH_DEFAULTS, Estimate,
+from .stages import (CUDA_CONTEXT_BYTES, PLACEMENTS, RUNTIME_BYTES, Estimate,
                      compact_bytes_per_weight, estimate_memory, visited_levels)
 
-__all__ = ["CUDA_CONTEXT_BYTES", "Estimate", "GIB", "ModelShape", "PLACEMENTS", "RUNTIME_BYTES", "SEARCH_DEFAULTS",
+__all__ = ["CUDA_CONTEXT_BYTES", "Estimate", "GIB", "ModelShape", "PLACEMENTS", "RUNTIME_BYTES",
            "compact_bytes_per_weight", "estimate_memory", "normal_device", "parse_max_memory", "parse_size",
            "visited_levels"]

@@ -28,8 +28,6 @@ PLACEMENTS = {
     "disk": "blocks offloaded to disk, embeddings and head on the compute device",
 }
 SAVES = ("dense", "sparse", "deflate")
-#: search options that the memory-bounded search adds to SearchOptions; their defaults until it lands
-SEARCH_DEFAULTS = {"search_bank_mb": 1024, "search_work_dir": None}
 RESOURCES = ("device", "host", "disk")
 
 
@@ -122,18 +120,12 @@ def _settings(config: Any, options: Dict[str, Any]) -> Dict[str, Any]:
     from ..configuration import MSPConfig, config_fields
 
     fields = config_fields()
-    pending = {name: options.pop(name) for name in list(options) if name in SEARCH_DEFAULTS and name not in fields}
     if config is None:
         config = MSPConfig(**options)
     elif options:
         raise ValueError(f"Pass either an MSPConfig or option keywords ({sorted(options)}), not both.")
     resolved = config.resolved()
     values = {name: getattr(resolved, name) for name in fields}
-    for name, default in SEARCH_DEFAULTS.items():
-        values.setdefault(name, pending.get(name, getattr(config, name, default)))
-    if isinstance(values["search_bank_mb"], bool) or not isinstance(values["search_bank_mb"], int) \
-            or values["search_bank_mb"] < 0:
-        raise ValueError(f"search_bank_mb must be an integer >= 0, got {values['search_bank_mb']!r}.")
     values["pattern_kind"] = resolved.pattern_kind
     return values
 
