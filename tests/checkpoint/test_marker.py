@@ -187,7 +187,7 @@ STOCK_TOOLS = textwrap.dedent(
     warnings.simplefilter("always")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    folder, reference = sys.argv[1:3]
+    folder, reference, legacy, compact = sys.argv[1:5]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config = AutoConfig.from_pretrained(folder)
@@ -210,6 +210,13 @@ STOCK_TOOLS = textwrap.dedent(
         with torch.no_grad():
             assert torch.equal(lm.model(ids).logits, torch.load(reference)["logits"]), "lm-eval: logits differ"
         print("LM-EVAL-OK")
+        # what the top-level marker avoids: lm-eval refuses an msp quantization_config it cannot resolve
+        for kind, other in (("legacy", legacy), ("compact", compact)):
+            try:
+                HFLM(pretrained=other, device="cpu", batch_size=1)
+            except ValueError as error:
+                assert "Unknown quantization type, got msp" in str(error), error
+                print(f"LM-EVAL-REFUSES-{kind}")
     assert "optimum_msp" not in sys.modules
     """
 )
@@ -220,7 +227,13 @@ def test_dense_checkpoint_loads_in_stock_tools_without_optimum_msp(pruned_folder
     ids = calibration_ids(samples=2, seqlen=16, seed=5)
     with torch.no_grad():
         torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "reference.pt")
-    result = run_without_optimum_msp(STOCK_TOOLS, pruned_folder, tmp_path / "reference.pt", tmp_path=tmp_path)
+    legacy = _copy(pruned_folder, tmp_path / "legacy")
+    _as_legacy(legacy)
+    compact = _copy(pruned_folder, tmp_path / "compact")
+    (compact / "model.safetensors").unlink()
+    save_compact(model, compact)
+    result = run_without_optimum_msp(STOCK_TOOLS, pruned_folder, tmp_path / "reference.pt", legacy, compact,
+                                     tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TRANSFORMERS-OK" in result.stdout
     transformers_part = result.stderr.split("TRANSFORMERS-DONE")[0].lower()
@@ -230,4 +243,5 @@ def test_dense_checkpoint_loads_in_stock_tools_without_optimum_msp(pruned_folder
     except ImportError:
         assert "NO-LM-EVAL" in result.stdout
     else:
-        assert "LM-EVAL-OK" in result.stdout, result.stderr[-3000:]
+        for line in ("LM-EVAL-OK", "LM-EVAL-REFUSES-legacy", "LM-EVAL-REFUSES-compact"):
+            assert line in result.stdout, result.stderr[-3000:]
