@@ -21,7 +21,7 @@ from .checkpoint import save_pruned
 from .checkpoint.marker import is_pruned_checkpoint, mark_pruned
 from .configuration import MSPConfig
 from .data import CalibrationData
-from .integrations.model_card import build_model_card
+from .integrations.model_card import build_model_card, write_eval_results
 from .modeling.blocks import select_linears
 from .modeling.loading import base_model_id, load_model, load_tokenizer
 from .modeling.sequential import BlockRunner
@@ -174,13 +174,15 @@ class MSPPruner:
         ``plot``: also draw the plan (``sparsity_plan.png``, linked from the card) when matplotlib is installed.
 
         ``results``: evaluation results for the card's ``model-index`` (``huggingface_hub.EvalResult`` or
-        dicts of its fields; see :func:`optimum_msp.integrations.model_card.perplexity_result`).
+        dicts of its fields; see :func:`optimum_msp.integrations.model_card.perplexity_result`), and for
+        ``.eval_results/`` where the dataset is a registered Hub benchmark; partial-split results are left out.
 
         ``compact=True`` stores pruned layers as kept values + bitmask / N:M indices (those layers take 0.5625x
         their dense size at 50 % in bf16, 0.3125x at 75 %; unpruned tensors are stored as is);
         ``compact="deflate"`` also deflates those tensors losslessly (smaller still, slower to save). Loading
         either needs ``optimum_msp`` imported. See :mod:`optimum_msp.checkpoint.codec`.
         """
+        results = list(results)  # read twice: the card and the Hub's evaluation-results files
         with atomic_directory(save_directory, overwrite=overwrite, replaceable=is_pruned_checkpoint) as staging:
             save_pruned(self.model, staging, compact=compact, **kwargs)
             if self.tokenizer is not None:
@@ -193,6 +195,7 @@ class MSPPruner:
                 figure = _write_plot(self.plan, Path(staging)) if plot else None
                 card = build_model_card(self.plan, self.base_model, results, plot_path=figure)
                 card.save(Path(staging) / "README.md")
+                write_eval_results(staging, results)
         return Path(save_directory)
 
     def push_to_hub(self, repo_id: str, *, compact: Union[bool, str] = False, results: Iterable[Any] = (),

@@ -36,7 +36,7 @@ from ..version import __version__
 
 #: config entries that do not change what the model computes (where it came from, what wrote it, its plan)
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "sparsity_plan", "quantization_config",
-                         "_commit_hash"}
+                         "msp_checkpoint", "_commit_hash"}
 
 class UnhashableModelError(ValueError):
     """Some weights are not in memory (offloaded to disk or on the meta device): they cannot be hashed."""

@@ -15,7 +15,7 @@ from ..modeling.blocks import LINEAR_TYPES
 from ..modeling.offload import read_stored
 from ..plan import LayerTarget, SparsityPlan
 from .codec import COMPACT_MODES, encode_layer
-from .marker import checkpoint_marker, mark_pruned
+from .marker import MARKER_KEY, mark_pruned
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ def save_compact(model: nn.Module, save_directory: Union[str, os.PathLike], code
     (``codec="deflate"``: their tensors also deflated, losslessly; smaller, slower to save).
 
     Everything ``save_pretrained`` does still applies (config, generation config, sharding with
-    ``max_shard_size``, ``push_to_hub=True``); ``config.json`` is marked ``checkpoint_format: "compact"`` so
-    that loading (with ``optimum_msp`` imported) decompresses and verifies. The model itself is not changed.
+    ``max_shard_size``, ``push_to_hub=True``); ``config.json`` is marked ``checkpoint_format: "compact"`` (the
+    top-level marker and an msp ``quantization_config``) so that loading (with ``optimum_msp`` imported)
+    decompresses and verifies. The model itself is not changed.
     """
     if "state_dict" in save_kwargs:
         raise ValueError("save_compact builds the state dict itself; do not pass state_dict=.")
@@ -82,15 +83,16 @@ def save_compact(model: nn.Module, save_directory: Union[str, os.PathLike], code
     state_dict = compact_state_dict(model, codec=codec)
     config = model.config
     missing = object()
-    previous = config.__dict__.get("quantization_config", missing)
-    config.quantization_config = checkpoint_marker("compact")
+    previous = {key: config.__dict__.get(key, missing) for key in ("quantization_config", MARKER_KEY)}
+    mark_pruned(config, "compact")  # for this save only: the model in memory stays dense
     try:
         model.save_pretrained(save_directory, state_dict=state_dict, **save_kwargs)
     finally:
-        if previous is missing:
-            config.__dict__.pop("quantization_config", None)
-        else:
-            config.quantization_config = previous
+        for key, value in previous.items():
+            if value is missing:
+                config.__dict__.pop(key, None)
+            else:
+                setattr(config, key, value)
     return Path(save_directory)
 
 
@@ -98,7 +100,7 @@ def save_pruned(model: nn.Module, save_directory: Union[str, os.PathLike], compa
                 **save_kwargs: Any) -> Path:
     """Save a pruned model so that loading it with ``optimum_msp`` imported verifies it against its plan.
 
-    ``compact=False`` writes a plain dense checkpoint (loads everywhere, stock transformers included);
+    ``compact=False`` writes a plain dense checkpoint (loads everywhere: stock transformers, lm-eval, vLLM);
     ``compact=True`` (or ``"sparse"``) writes a :func:`save_compact` checkpoint; ``compact="deflate"`` one whose
     sparse tensors are also deflated.
     """

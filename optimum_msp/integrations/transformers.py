@@ -2,29 +2,37 @@
 
 Importing :mod:`optimum_msp` registers the quantization method ``"msp"`` with transformers' quantizer
 registry (a config class and an :class:`~transformers.quantizers.HfQuantizer`). That gives two hooks into
-``AutoModelForCausalLM.from_pretrained``, and nothing is patched:
+``AutoModelForCausalLM.from_pretrained``:
 
 **Prune on load.** ``from_pretrained(path, quantization_config=MSPConfig(...))`` loads the dense weights, then
 runs ``MSPPruner(model, tokenizer).prune(config)``. The calibration tokenizer is loaded from the same
 ``path``; to use pre-tokenized windows (or another tokenizer) wrap the call in :func:`calibration_data`.
 
-**Verify on load.** A pruned model carries, besides its plan in ``config.sparsity_plan``, a small marker
-``config.quantization_config = {"quant_method": "msp", "checkpoint_format": "dense", "format_version": 1}``.
-With ``optimum_msp`` imported, transformers routes loading such a checkpoint through the same quantizer, which
-decompresses compact weights (``checkpoint_format: "compact"``, see :mod:`optimum_msp.checkpoint.codec`)
-and then checks every planned layer with :meth:`SparsityPlan.verify`: a malformed or forged plan, or weights
-that break it, raise :class:`~optimum_msp.plan.PlanError` naming the layer. Without ``optimum_msp``, stock
-transformers does not know ``"msp"``: it logs "Unknown quantization type, got msp ... we will skip the
-quantization" and loads the dense checkpoint as a plain model (the marker and the plan stay in its config).
+**Verify on load.** A pruned checkpoint carries, besides its plan in ``config.sparsity_plan``, the marker
+``config.msp_checkpoint = {"checkpoint_format": "dense" | "compact", "format_version": 1}``
+(:mod:`optimum_msp.checkpoint.marker`). With ``optimum_msp`` imported, loading such a checkpoint goes through the
+same quantizer, which decompresses compact weights (see :mod:`optimum_msp.checkpoint.codec`) and then checks every
+planned layer with :meth:`SparsityPlan.verify`: a malformed or forged plan, or weights that break it, raise
+:class:`~optimum_msp.plan.PlanError` naming the layer.
+
+transformers only consults a quantizer when the config has a ``quantization_config``. A compact checkpoint keeps
+one (``quant_method: "msp"``): nothing can load it without ``optimum_msp`` anyway. A dense checkpoint must not:
+lm-eval's hf backend resolves that entry with ``AutoQuantizationConfig.from_dict`` and vLLM with its own registry,
+and both refuse an unknown method. So for dense checkpoints this module wraps one function of transformers,
+``transformers.modeling_utils.get_hf_quantizer`` (:func:`install_load_hook`, done on import): when a config
+carries the dense marker and the call names no ``quantization_config`` of its own, the wrapper passes
+:class:`MSPCheckpointConfig` as if the caller had; anything else goes through unchanged. Passing
+``quantization_config=MSPCheckpointConfig()`` does the same explicitly. Without ``optimum_msp`` every tool loads a
+dense checkpoint as a plain model, silently (the marker and the plan stay in its config).
 
 Either way the returned model is a plain dense model: the quantizer detaches itself after loading (no
-``hf_quantizer``, ``is_quantized`` unset), so it trains with ``Trainer`` (full fine-tuning), casts with
-``.to(torch.bfloat16)`` and saves with ``save_pretrained`` exactly like a model loaded without a quantizer;
-only the marker is kept so that the saved checkpoint is verified again when reloaded.
+``hf_quantizer``, ``is_quantized`` unset, no ``quantization_config``), so it trains with ``Trainer`` (full
+fine-tuning), casts with ``.to(torch.bfloat16)`` and saves with ``save_pretrained`` exactly like a model loaded
+without a quantizer; only the dense marker is kept so that the saved checkpoint is verified again when reloaded.
 
-Checkpoints whose config has a plan but no marker (e.g. saved by ``model.save_pretrained`` after
-``MSPPruner.prune`` without :func:`mark_pruned`) load without verification; :func:`verify_pruned` checks any
-loaded model explicitly.
+Checkpoints with the older marker ``quantization_config = {"quant_method": "msp", "checkpoint_format": "dense",
+...}`` still load and verify (and are saved back in the new form). Checkpoints whose config has a plan but no
+marker load without verification; :func:`verify_pruned` checks any loaded model explicitly.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Optional
@@ -43,7 +52,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..checkpoint import codec
 from ..checkpoint.marker import (  # noqa: F401  (checkpoint_marker: public here too)
-    CHECKPOINT_FORMATS, MARKER_VERSION, QUANT_METHOD, checkpoint_marker, mark_pruned, verify_pruned,
+    CHECKPOINT_FORMATS, MARKER_KEY, MARKER_VERSION, QUANT_METHOD, checkpoint_marker, mark_pruned, marker_format,
+    verify_pruned,
 )
 from ..configuration import MSPConfig
 from ..plan import PlanError
@@ -57,20 +67,22 @@ __all__ = [
     "MSPHfQuantizer",
     "calibration_data",
     "checkpoint_marker",
+    "install_load_hook",
     "mark_pruned",
     "register",
     "verify_pruned",
 ]
 
 
-
 # ------------------------------------------------------------------------------------------------- configs
 @dataclass
 class MSPCheckpointConfig(QuantizationConfigMixin):
-    """The marker in a pruned checkpoint's ``config.json``: "verify me (and decompress me) when loading".
+    """A pruned checkpoint's marker as a quantization config: "verify me (and decompress me) when loading".
 
-    It is what transformers builds from ``quantization_config`` dicts with ``quant_method="msp"``; a dict
-    without ``checkpoint_format`` is an :class:`MSPConfig` (prune-on-load) instead.
+    It is what transformers builds from ``quantization_config`` dicts with ``quant_method="msp"`` (compact
+    checkpoints, and dense ones saved before the marker moved out of ``quantization_config``); a dict without
+    ``checkpoint_format`` is an :class:`MSPConfig` (prune-on-load) instead. Passed to ``from_pretrained`` of a
+    dense checkpoint it verifies the weights against the plan (what the load hook does for marked checkpoints).
     """
 
     checkpoint_format: str = "dense"
@@ -82,13 +94,13 @@ class MSPCheckpointConfig(QuantizationConfigMixin):
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}.")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(
-                f"quantization_config.checkpoint_format {self.checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}; "
-                "the checkpoint may need a newer optimum-msp."
+                f"The checkpoint marker's checkpoint_format {self.checkpoint_format!r} is not one of "
+                f"{CHECKPOINT_FORMATS}; the checkpoint may need a newer optimum-msp."
             )
         if self.format_version != MARKER_VERSION:
             raise ValueError(
-                f"quantization_config.format_version {self.format_version!r} is not supported (this optimum-msp reads "
-                f"{MARKER_VERSION}); upgrade optimum-msp."
+                f"The checkpoint marker's format_version {self.format_version!r} is not supported (this optimum-msp "
+                f"reads {MARKER_VERSION}); upgrade optimum-msp."
             )
 
     @classmethod
@@ -98,7 +110,7 @@ class MSPCheckpointConfig(QuantizationConfigMixin):
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(config_dict) - names
         if unknown:
-            raise ValueError(f"Unknown keys {sorted(unknown)} in an msp quantization_config; known: {sorted(names)}.")
+            raise ValueError(f"Unknown keys {sorted(unknown)} in the msp checkpoint marker; known: {sorted(names)}.")
         config = cls(**config_dict)
         return (config, kwargs) if return_unused_kwargs else config
 
@@ -155,8 +167,13 @@ class MSPHfQuantizer(HfQuantizer):
     def is_compact(self) -> bool:
         return self.pre_quantized and getattr(self.quantization_config, "checkpoint_format", None) == "compact"
 
+    @property
+    def verifies(self) -> bool:
+        """Loading a pruned checkpoint (verify), not pruning while loading."""
+        return self.pre_quantized or isinstance(self.quantization_config, MSPCheckpointConfig)
+
     def validate_environment(self, device_map=None, **kwargs):
-        if not self.pre_quantized and isinstance(device_map, dict) and {"disk", "meta"} & set(device_map.values()):
+        if not self.verifies and isinstance(device_map, dict) and {"disk", "meta"} & set(device_map.values()):
             raise ValueError(
                 "Pruning while loading needs every weight in memory: drop disk offloading from device_map."
             )
@@ -184,7 +201,7 @@ class MSPHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         try:
-            if self.pre_quantized:
+            if self.verifies:
                 self._check_checkpoint(model)
             else:
                 self._prune(model)
@@ -199,7 +216,7 @@ class MSPHfQuantizer(HfQuantizer):
             more = f" (and {len(self._decode_errors) - 1} more layer(s))" if len(self._decode_errors) > 1 else ""
             raise PlanError(f"Layer {layer!r}: its compact weights cannot be decoded: {error}{more}")
         report = verify_pruned(model)
-        mark_pruned(model)  # the in-memory model is dense, whatever the checkpoint was
+        mark_pruned(model)  # the in-memory model is dense whatever the checkpoint was (an older marker: migrated)
         logger.info("Verified %d pruned layers against the sparsity plan (global sparsity %.4f)",
                     len(report.layers), report.global_sparsity)
 
@@ -254,7 +271,7 @@ def _detach(model) -> None:
             c for c in conversions if not any(isinstance(op, _MSPDecompress) for op in getattr(c, "operations", ()))
         ]
     if not isinstance(getattr(model.config, "quantization_config", None), (dict, type(None))):
-        # prune-on-load failed before marking: leave no MSPConfig behind in the config
+        # the MSPConfig of a prune-on-load, or the MSPCheckpointConfig of a failed verification: none stays behind
         model.config.__dict__.pop("quantization_config", None)
 
 
@@ -312,8 +329,45 @@ class _MSPDecompress(ConversionOps):
 
 
 # ------------------------------------------------------------------------------------------- registration
+def _wants_verification(config: Any) -> bool:
+    """A config marked as a dense pruned checkpoint, with no quantization config of its own."""
+    return marker_format(config) == "dense" and getattr(config, "quantization_config", None) is None
+
+
+def install_load_hook() -> bool:
+    """Wrap ``transformers.modeling_utils.get_hf_quantizer`` so that ``from_pretrained`` of a checkpoint marked
+    ``msp_checkpoint: {"checkpoint_format": "dense"}`` is verified (idempotent; done by ``import optimum_msp``).
+
+    Why a wrapper: ``quantization_config`` is transformers' only hook into loading, and a dense checkpoint cannot
+    carry one without breaking lm-eval and vLLM. The wrapper changes a call only when the config carries the
+    dense marker and the caller passed no ``quantization_config``; it then passes :class:`MSPCheckpointConfig`.
+    Returns ``False`` (and logs why) where this transformers has no such function: dense checkpoints then load
+    unverified unless ``quantization_config=MSPCheckpointConfig()`` is passed.
+    """
+    from transformers import modeling_utils
+
+    current = getattr(modeling_utils, "get_hf_quantizer", None)
+    if current is None:
+        logger.warning("transformers %s has no modeling_utils.get_hf_quantizer: dense pruned checkpoints are not "
+                       "verified on load; pass quantization_config=MSPCheckpointConfig() to verify one.",
+                       getattr(__import__("transformers"), "__version__", "?"))
+        return False
+    original = getattr(current, "__wrapped__", current) if getattr(current, "_optimum_msp", False) else current
+
+    @functools.wraps(original)
+    def get_hf_quantizer(config, quantization_config, *args, **kwargs):
+        if quantization_config is None and kwargs.get("gguf_file") is None and _wants_verification(config):
+            marker = {**getattr(config, MARKER_KEY), "quant_method": QUANT_METHOD}
+            quantization_config = MSPCheckpointConfig.from_dict(marker)  # a newer or odd marker: a clear error
+        return original(config, quantization_config, *args, **kwargs)
+
+    get_hf_quantizer._optimum_msp = True
+    modeling_utils.get_hf_quantizer = get_hf_quantizer  # also replaces our own wrapper after an importlib.reload
+    return True
+
+
 def register() -> None:
-    """Register ``"msp"`` with transformers (idempotent; called by ``import optimum_msp``)."""
+    """Register ``"msp"`` with transformers and install the load hook (idempotent; called by ``import optimum_msp``)."""
     pairs = ((AUTO_QUANTIZATION_CONFIG_MAPPING, MSPCheckpointConfig), (AUTO_QUANTIZER_MAPPING, MSPHfQuantizer))
     for mapping, value in pairs:
         current = mapping.get(QUANT_METHOD)
@@ -323,6 +377,7 @@ def register() -> None:
                 "register its own."
             )
         mapping[QUANT_METHOD] = value  # also replaces our own class after an importlib.reload
+    install_load_hook()
 
 
 register()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from optimum_msp import MSPConfig, MSPPruner, PlanError, SparsityPlan
-from optimum_msp.checkpoint import checkpoint_marker, save_compact
+from optimum_msp.checkpoint import checkpoint_marker, compact_quantization_config, save_compact
 from optimum_msp.checkpoint import codec as codec_module
 from optimum_msp.checkpoint import encode_module as encode_layer
 from optimum_msp.checkpoint.codec import CompactFormatError, decode_layer, pack_codes, unpack_codes
@@ -127,10 +127,12 @@ def test_compact_round_trip_is_exact(arch, dtype, config, codec, tmp_path):
     before = model.config.to_dict()
     save_compact(model, tmp_path / "compact", codec=codec)
     saved = json.loads((tmp_path / "compact" / "config.json").read_text())
-    assert saved["quantization_config"] == checkpoint_marker("compact")
+    assert saved["quantization_config"] == compact_quantization_config()
+    assert saved["msp_checkpoint"] == checkpoint_marker("compact")
     after = model.config.to_dict()
-    for key in ("quantization_config", "sparsity_plan"):  # the in-memory model keeps its own marker and plan
+    for key in ("quantization_config", "msp_checkpoint", "sparsity_plan"):  # the model in memory keeps its own
         assert after.get(key) == before.get(key)
+    assert after["msp_checkpoint"] == checkpoint_marker("dense") and "quantization_config" not in after
 
     encodings = set()
     with safe_open(str(tmp_path / "compact" / "model.safetensors"), "pt") as handle:
@@ -158,7 +160,8 @@ def test_compact_round_trip_is_exact(arch, dtype, config, codec, tmp_path):
     ids = calibration_ids(samples=2, seqlen=16, seed=2)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, dense(ids).logits)
-    assert reloaded.config.quantization_config == checkpoint_marker("dense")
+    assert reloaded.config.msp_checkpoint == checkpoint_marker("dense")  # dense in memory, saved back dense
+    assert getattr(reloaded.config, "quantization_config", None) is None
     assert getattr(reloaded, "hf_quantizer", None) is None
 
 

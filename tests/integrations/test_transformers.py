@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,15 +13,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import optimum_msp
 from optimum_msp import MSPConfig, MSPPruner, PlanError, SparsityPlan
-from optimum_msp.checkpoint import save_compact
+from optimum_msp.checkpoint import compact_quantization_config, save_compact
 from optimum_msp.integrations.transformers import (
     MSPCheckpointConfig,
     MSPHfQuantizer,
     calibration_data,
     checkpoint_marker,
+    install_load_hook,
     register,
 )
 from tiny_models import VOCAB, calibration_ids, tiny_model
+from without_msp import run_without_optimum_msp
 
 WORDS = [f"w{i}" for i in range(VOCAB - 2)]
 
@@ -74,7 +73,8 @@ def _assert_plain(model) -> None:
     assert not getattr(model, "is_quantized", False)
     assert not hasattr(model, "quantization_method")
     assert not hasattr(model.config, "_is_quantized")
-    assert model.config.quantization_config == checkpoint_marker("dense")
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.config.msp_checkpoint == checkpoint_marker("dense")
 
 
 def _logits(model, seed: int = 5) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_import_registers_msp():
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["msp"] is MSPCheckpointConfig
     register()  # idempotent
     # the registered config class builds the marker, and an MSPConfig from a full pruning config
-    assert isinstance(MSPCheckpointConfig.from_dict(checkpoint_marker("compact")), MSPCheckpointConfig)
+    assert isinstance(MSPCheckpointConfig.from_dict(compact_quantization_config()), MSPCheckpointConfig)
     assert isinstance(MSPCheckpointConfig.from_dict(MSPConfig(method="magnitude").to_dict()), MSPConfig)
     with pytest.raises(ValueError, match="checkpoint_format"):
         MSPCheckpointConfig.from_dict({"quant_method": "msp", "checkpoint_format": "zip"})
@@ -171,7 +171,7 @@ def pruned_folder(dense_root, calibration_file) -> Path:
 
 def test_save_reload_identical_logits(pruned_folder):
     config = json.loads((pruned_folder / "config.json").read_text())
-    assert config["quantization_config"] == checkpoint_marker("dense")
+    assert config["msp_checkpoint"] == checkpoint_marker("dense") and "quantization_config" not in config
     assert config["sparsity_plan"]["pattern"] == "n:m"
     reloaded = AutoModelForCausalLM.from_pretrained(pruned_folder)
     _assert_plain(reloaded)
@@ -262,7 +262,8 @@ def test_pruner_save_pretrained_marks_the_checkpoint(tmp_path):
     pruner = MSPPruner(tiny_model("llama"))
     pruner.prune(MSPConfig(method="magnitude", sparsity=0.5))
     folder = pruner.save_pretrained(tmp_path / "out")
-    assert json.loads((folder / "config.json").read_text())["quantization_config"] == checkpoint_marker("dense")
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["msp_checkpoint"] == checkpoint_marker("dense") and "quantization_config" not in saved
     reloaded = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
     assert torch.equal(_logits(reloaded), _logits(pruner.model))
 
@@ -303,15 +304,21 @@ def test_deeply_nested_plan_entry_is_refused_on_load(pruned_folder, tmp_path):
 # ---------------------------------------------------------------------------- without optimum_msp installed
 STOCK_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import sys, warnings
+    warnings.simplefilter("always")
+    import torch
     from transformers import AutoModelForCausalLM
     dense, compact, logits_file = sys.argv[1:4]
-    model = AutoModelForCausalLM.from_pretrained(dense)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = AutoModelForCausalLM.from_pretrained(dense)
+    assert not caught, [str(w.message) for w in caught]
     assert "optimum_msp" not in sys.modules
     assert getattr(model, "hf_quantizer", None) is None
     ids = torch.load(logits_file)["ids"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, torch.load(logits_file)["logits"]), "logits differ"
+    print("DENSE-LOADED", file=sys.stderr, flush=True)  # splits stderr: the dense load's messages come before
     try:
         AutoModelForCausalLM.from_pretrained(compact)
     except RuntimeError as error:
@@ -328,19 +335,62 @@ def test_stock_transformers_loads_pruned_checkpoint_as_dense(pruned_folder, tmp_
     ids = calibration_ids(samples=2, seqlen=16, seed=5)
     torch.save({"ids": ids, "logits": _logits(model)}, tmp_path / "reference.pt")
     save_compact(model, tmp_path / "compact")
-    script = tmp_path / "stock.py"
-    script.write_text(STOCK_SCRIPT)
-    # a fresh interpreter that never imports optimum_msp, with the package made unimportable to be sure
-    blocker = tmp_path / "block"
-    (blocker / "optimum_msp").mkdir(parents=True)
-    (blocker / "optimum_msp" / "__init__.py").write_text("raise ImportError('optimum_msp is not installed')\n")
-    env = {**os.environ, "PYTHONPATH": str(blocker), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), str(pruned_folder), str(tmp_path / "compact"),
-                             str(tmp_path / "reference.pt")], capture_output=True, text=True, env=env, timeout=120)
+    result = run_without_optimum_msp(STOCK_SCRIPT, pruned_folder, tmp_path / "compact", tmp_path / "reference.pt",
+                                     tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "STOCK-OK" in result.stdout
     assert "COMPACT-REFUSED" in result.stdout
-    assert "Unknown quantization type, got msp" in result.stderr  # transformers says it skips the marker
+    # the dense load said nothing: no warning, and no log line about an unknown quantization method
+    dense_part = result.stderr.split("DENSE-LOADED")[0].lower()
+    assert "quantization" not in dense_part and "warn" not in dense_part, dense_part[-2000:]
+
+
+# ------------------------------------------------------------------------------------------- the load hook
+def test_explicit_checkpoint_config_verifies_an_unmarked_checkpoint(pruned_folder, tmp_path):
+    """``quantization_config=MSPCheckpointConfig()`` verifies a checkpoint that has a plan but no marker."""
+    folder = _tampered_copy(pruned_folder, tmp_path / "unmarked")
+    config = json.loads((folder / "config.json").read_text())
+    del config["msp_checkpoint"]
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    layer = "model.layers.0.mlp.up_proj"
+    tensors[f"{layer}.weight"] = torch.ones_like(tensors[f"{layer}.weight"])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    AutoModelForCausalLM.from_pretrained(folder)  # no marker: not verified
+    with pytest.raises(PlanError, match=layer):
+        AutoModelForCausalLM.from_pretrained(folder, quantization_config=MSPCheckpointConfig())
+
+
+def test_hook_leaves_a_callers_quantization_config_alone(pruned_folder, calibration_file, monkeypatch):
+    """Prune-on-load of a marked checkpoint prunes it again (the hook only acts when no config was passed)."""
+    calls = []
+    original = SparsityPlan.verify
+    monkeypatch.setattr(SparsityPlan, "verify",
+                        lambda self, model, **kwargs: calls.append(self.method) or original(self, model, **kwargs))
+    config = MSPConfig(method="magnitude", sparsity=0.75)
+    loaded = AutoModelForCausalLM.from_pretrained(pruned_folder, quantization_config=config)
+    plan = SparsityPlan.from_config(loaded.config)
+    assert plan.method == "magnitude" and plan.target_sparsity == 0.75
+    assert calls == ["magnitude"]  # the prune's own check; the 2:4 plan on file was not verified
+    _assert_plain(loaded)
+
+
+def test_unsupported_marker_version_is_refused(pruned_folder, tmp_path):
+    folder = _tampered_copy(pruned_folder, tmp_path / "v2")
+    config = json.loads((folder / "config.json").read_text())
+    config["msp_checkpoint"]["format_version"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format_version 2 is not supported"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_load_hook_is_installed_once():
+    from transformers import modeling_utils
+    from transformers.quantizers.auto import get_hf_quantizer
+
+    assert install_load_hook() and install_load_hook()
+    hook = modeling_utils.get_hf_quantizer
+    assert hook._optimum_msp and hook.__wrapped__ is get_hf_quantizer  # wraps transformers' own, never itself
 
 
 def test_optimum_msp_exports():
