@@ -54,6 +54,10 @@ class SearchOptions(FisherOptions):
         "", "MSP search multi-step selection before the full fitness: comma-separated WINDOWS:SURVIVORS, e.g. "
         "'1:8,2:4' scores every child on the first fitness window and keeps the best 8, scores those on the first 2 "
         "and keeps 4; the survivors get the full fitness ('' : none)")
+    statistics_refresh: int = option(
+        0, "MSP search with search_statistics=seed: every this many generations, gather the bank's statistics again "
+        "with the best plan so far (one more sequential statistics pass each time) and score the population anew, "
+        "so the bank describes the model the search is heading for (0: never)", kind=int, low=0)
     search_cache_mb: int = option(
         1024, "memory for the search's cache of block outputs per plan prefix (less memory: more block runs, "
         "never another result)", kind=int, low=0)
@@ -169,6 +173,11 @@ def msp(context: AllocationContext) -> AllocationResult:
     fisher_done = time.perf_counter()
 
     statistics = search_statistics(options.search_statistics, pruner)
+    if options.statistics_refresh and statistics != "seed":
+        raise ValueError(f"statistics_refresh={options.statistics_refresh} rebuilds statistics gathered with a "
+                         f"plan, but this search's bank uses {statistics!r} statistics: set search_statistics="
+                         "'seed' (or 'auto' with a pruner that updates weights, e.g. sparsegpt), or "
+                         "statistics_refresh=0.")
     fitness_ids = context.calibration.held_out(options.fitness_samples, options.fitness_seqlen, context.seed + 1)
     settings = search_settings(context, space, statistics, fitness_ids) if options.search_checkpoint else None
     with work_folder(options.search_work_dir) as work:
@@ -183,6 +192,17 @@ def msp(context: AllocationContext) -> AllocationResult:
                           memory_bytes=options.search_bank_mb << 20, folder=work / "bank")
         evaluator = FitnessEvaluator(context.runner, space, bank, fitness_ids, options.fitness, context.batch_size,
                                      cache_bytes=options.search_cache_mb << 20)
+
+        refresh_seconds = [0.0]
+
+        def refresh(genome) -> None:  # the bank's statistics, gathered again with ``genome``'s plan
+            started = time.perf_counter()
+            if isinstance(bank.stats, StatisticsStore):
+                bank.stats.close()
+            bank.reset(seeded_layer_statistics(context, space.targets(genome), work_dir=str(work)))
+            evaluator.reset()
+            refresh_seconds[0] += time.perf_counter() - started
+
         search_started, search_cpu_started = time.perf_counter(), time.process_time()
         search = EvolutionarySearch(
             space, evaluator, seed_genome, options.population_size, options.generations, context.seed,
@@ -190,14 +210,15 @@ def msp(context: AllocationContext) -> AllocationResult:
             overwrite=options.search_checkpoint_overwrite, offspring=options.offspring,
             # windows -> the fitness batches that hold them
             selection=[(-(-windows // context.batch_size), survivors) for windows, survivors in options.selection()],
+            refresh_every=options.statistics_refresh, refresh=refresh,
         )
         best = search.run()
         search_seconds = time.perf_counter() - search_started
         search_cpu_seconds = time.process_time() - search_cpu_started
         memory = {name: round(size / 2**20, 1) for name, size in {**bank.nbytes(), **evaluator.nbytes()}.items()}
-        if isinstance(stats, StatisticsStore):
-            memory["statistics_on_disk"] = round(stats.nbytes_on_disk() / 2**20, 1)
-            stats.close()
+        if isinstance(bank.stats, StatisticsStore):
+            memory["statistics_on_disk"] = round(bank.stats.nbytes_on_disk() / 2**20, 1)
+            bank.stats.close()
     fitness = search.state.fitness
     summary = {
         "fitness": options.fitness,
@@ -213,6 +234,8 @@ def msp(context: AllocationContext) -> AllocationResult:
         "mean_history": search.state.mean_history,
         "offspring": search.offspring,
         "selection_steps": options.selection_steps,
+        "statistics_refresh": options.statistics_refresh,
+        "refreshed_around": len(search.state.refreshes),
         "levels": [space.sparsity(s) for s in best],
     }
     report = {
@@ -220,14 +243,16 @@ def msp(context: AllocationContext) -> AllocationResult:
         "statistics_seconds": round(statistics_done - fisher_done, 2),  # the bank's input statistics pass
         "search_seconds": round(search_seconds, 2),
         "search_cpu_seconds": round(search_cpu_seconds, 2),  # robust to other processes on the machine
-        "evaluations": len(fitness),
+        "refresh_seconds": round(refresh_seconds[0], 2),  # statistics passes of statistics_refresh, in search_seconds
+        "evaluations": len(fitness) + search.archived,  # full ones; screened ones apart
+        "screened": len(search._screened),
         "evaluations_this_run": search.new_evaluations,
         "blocks_run": evaluator.blocks_run,
         "bank_entries_computed": bank.computed,
         "bank_entries_read_back": bank.read_back,
         "memory_mb": memory,  # what the search held (peak RSS also has the model, one block's statistics, slack)
     }
-    logger.info("MSP search: best %s fitness %.5f (Fisher seed %.5f, uniform %s) after %d evaluations in %.0fs",
-                options.fitness, fitness[best], fitness[seed_genome], fitness.get(space.uniform()), len(fitness),
-                search_seconds)
+    logger.info("MSP search: best %s fitness %.5f (Fisher seed %s, uniform %s) after %d evaluations in %.0fs",
+                options.fitness, fitness[best], fitness.get(seed_genome), fitness.get(space.uniform()),
+                report["evaluations"], search_seconds)
     return AllocationResult(space.targets(best), traces, blocks, search=summary, report=report)

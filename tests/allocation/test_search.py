@@ -474,3 +474,79 @@ def test_an_msp_prune_with_multi_step_selection_records_it():
     assert search["offspring"] == 8 and search["selection_steps"] == "1:3"
     assert len(search["mean_history"]) == 2
     assert pruner.plan.planned_sparsity == pytest.approx(0.6, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------ statistics refresh
+def _refreshing_search(tmp_path=None, generations=6, log=None):
+    """A toy search whose fitness is rebuilt around a plan at each refresh: the optimum moves to that plan's
+    neighbourhood (as a bank gathered near a plan describes that plan's model best)."""
+    space = _space(MSPConfig(sparsity=0.6), units=10, numels=(100,))
+    optimum = [list((4, -4, 2, -2, 0, 0, 1, -1, 3, -3))]
+
+    def fitness(genome):
+        return float(sum((g - o) ** 2 for g, o in zip(genome, optimum[0])))
+
+    def refresh(genome):
+        if log is not None:
+            log.append(genome)
+        optimum[0] = [(g + o) / 2 for g, o in zip(genome, optimum[0])]
+
+    checkpoint = str(tmp_path / "search.json") if tmp_path else None
+    search = EvolutionarySearch(space, fitness, space.uniform(), population_size=6, generations=generations,
+                                seed=2, checkpoint=checkpoint, refresh_every=2, refresh=refresh)
+    return search, fitness
+
+
+def test_a_refresh_rebuilds_the_fitness_around_the_best_plan_and_rescores_the_population():
+    log = []
+    search, fitness = _refreshing_search(log=log)
+    search.run()
+    # after generations 2 and 4 (not after the last): around the best plan of that moment
+    assert len(log) == 2 and search.state.refreshes == log
+    # every value kept was measured with the fitness as it is now (the population re-scored after the last refresh)
+    assert all(value == fitness(genome) for genome, value in search.state.fitness.items())
+    assert all(genome in search.state.fitness for genome in search.state.population)
+    assert search.archived > 0
+
+
+def test_a_refreshed_search_resumes_to_the_uninterrupted_result(tmp_path):
+    expected_search, _ = _refreshing_search(generations=6)
+    expected = expected_search.run()
+    first, _ = _refreshing_search(tmp_path, generations=3)
+    first.run()
+    log = []
+    resumed, _ = _refreshing_search(tmp_path, generations=6, log=log)
+    assert resumed.run() == expected
+    assert resumed.state.history == expected_search.state.history
+    assert log[0] == expected_search.state.refreshes[0]  # the saved fitness rebuilt before going on
+
+
+def test_statistics_refresh_gathers_the_banks_statistics_with_the_best_plan(monkeypatch):
+    from optimum_msp import MSPPruner
+    from optimum_msp.allocation import msp
+
+    gathered = []
+    original = msp.seeded_layer_statistics
+
+    def recording(context, targets, **kwargs):
+        gathered.append(dict(targets))
+        return original(context, targets, **kwargs)
+
+    monkeypatch.setattr(msp, "seeded_layer_statistics", recording)
+    pruner = MSPPruner(tiny_model("llama"))
+    pruner.prune(MSPConfig(method="sparsegpt", sparsity=0.6, allocation="msp", population_size=4, generations=3,
+                           statistics_refresh=1, fisher_samples=2, fitness_samples=2, fitness_seqlen=16),
+                 calibration=calibration_ids(4, 32), fitness_ids=calibration_ids(2, 16, seed=7))
+    assert len(gathered) == 3  # the seed plan's, then after generations 1 and 2
+    assert pruner.plan.search["refreshed_around"] == 2
+    assert pruner.report["allocation"]["refresh_seconds"] > 0
+    assert pruner.plan.planned_sparsity == pytest.approx(0.6, abs=1e-12)
+
+
+def test_statistics_refresh_needs_seeded_statistics():
+    from optimum_msp import MSPPruner
+
+    with pytest.raises(ValueError, match="statistics_refresh=2 rebuilds statistics gathered with a plan.*'dense'"):
+        MSPPruner(tiny_model("llama")).prune(
+            MSPConfig(method="wanda", sparsity=0.6, allocation="msp", statistics_refresh=2, fisher_samples=2),
+            calibration=calibration_ids(4, 32), fitness_ids=calibration_ids(2, 16, seed=7))

@@ -102,6 +102,15 @@ class WeightBank:
         save_file({"entry": value.contiguous().to("cpu")}, str(path))
         self._on_disk[key] = path
 
+    def reset(self, stats: Mapping[str, object]) -> None:
+        """Forget every entry (in memory and on disk) and prune from ``stats`` from now on."""
+        for path in self._on_disk.values():
+            path.unlink(missing_ok=True)
+        self._entries.clear()
+        self._on_disk.clear()
+        self._bytes = 0
+        self.stats = stats
+
     @torch.no_grad()
     def weight(self, name: str, target: LayerTarget) -> torch.Tensor:
         """The layer's weight under ``target``, as the final prune would write it (model dtype, compute device)."""

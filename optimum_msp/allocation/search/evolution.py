@@ -43,6 +43,7 @@ class SearchState:
     fitness: Dict[Genome, float] = field(default_factory=dict)
     history: List[float] = field(default_factory=list)  # best fitness after each generation
     mean_history: List[float] = field(default_factory=list)  # the population's mean fitness after each generation
+    refreshes: List[Genome] = field(default_factory=list)  # the plans the fitness was rebuilt around, in order
 
     def to_json(self, settings: dict) -> str:
         return json.dumps({
@@ -50,6 +51,7 @@ class SearchState:
             "population": [list(g) for g in self.population],
             "fitness": [[list(g), f] for g, f in self.fitness.items()],
             "history": self.history, "mean_history": self.mean_history,
+            "refreshes": [list(g) for g in self.refreshes],
         })
 
     @classmethod
@@ -63,7 +65,8 @@ class SearchState:
     @classmethod
     def from_data(cls, data: dict) -> "SearchState":
         return cls(data["generation"], [tuple(g) for g in data["population"]],
-                   {tuple(g): f for g, f in data["fitness"]}, list(data["history"]), list(data.get("mean_history", [])))
+                   {tuple(g): f for g, f in data["fitness"]}, list(data["history"]), list(data.get("mean_history", [])),
+                   [tuple(g) for g in data.get("refreshes", [])])
 
 
 def _normalised(settings: dict) -> dict:
@@ -109,6 +112,8 @@ class EvolutionarySearch:
         overwrite: bool = False,
         offspring: int = 0,
         selection: Sequence[Tuple[int, int]] = (),
+        refresh_every: int = 0,
+        refresh: Optional[Callable[[Genome], None]] = None,
     ):
         if population_size < 2:
             raise ValueError("population_size must be at least 2.")
@@ -128,10 +133,16 @@ class EvolutionarySearch:
         self.settings = _normalised(dict(settings or {}, population_size=population_size, seed=seed,
                                          seed_genome=list(self.seed_genome), elite=self.elite,
                                          tournament=tournament, crossover_rate=crossover_rate,
-                                         offspring=self.offspring, selection=self.selection))
+                                         offspring=self.offspring, selection=self.selection,
+                                         refresh_every=refresh_every))
+        if refresh_every and refresh is None:
+            raise ValueError("refresh_every needs a refresh function that rebuilds the fitness around a plan.")
+        self.refresh_every = refresh_every
+        self.refresh = refresh
         self._screened: Dict[Tuple[Genome, int], float] = {}  # partial fitness per (genome, batches), this run only
         self.state = SearchState()
         self.new_evaluations = 0
+        self.archived = 0  # full evaluations dropped at refreshes (this run)
 
     # ------------------------------------------------------------------------------------------ moves
     def _rng(self, generation: int) -> random.Random:
@@ -298,10 +309,13 @@ class EvolutionarySearch:
     def run(self) -> Genome:
         # one step per scoring, from the first one: the initial population alone can take many minutes
         per_generation = self._per_generation()
-        progress = hf_logging.tqdm(total=self.population_size + self.generations * per_generation,
+        refreshes = (self.generations - 1) // self.refresh_every if self.refresh_every else 0
+        progress = hf_logging.tqdm(total=self.population_size * (1 + refreshes) + self.generations * per_generation,
                                    desc="MSP search (evaluations)", disable=not hf_logging.is_progress_bar_enabled())
         if self._resume():
             progress.update(min(progress.total, self.population_size + self.state.generation * per_generation))
+            if self.state.refreshes:  # the fitness the saved values were measured with
+                self.refresh(self.state.refreshes[-1])
         else:
             self.state = SearchState(population=self.initial_population())
             self._evaluate(self.state.population, progress)
@@ -335,10 +349,24 @@ class EvolutionarySearch:
             self.state.history.append(self.state.fitness[best])
             values = [self.state.fitness[g] for g in next_population]
             self.state.mean_history.append(sum(values) / len(values))
+            if self.refresh_every and self.state.generation % self.refresh_every == 0 \
+                    and self.state.generation < self.generations:
+                self._refresh(best, progress)
             self._save()
             progress.set_postfix(best=f"{self.state.fitness[best]:.4f}", generation=self.state.generation)
         progress.close()
         return self.best
+
+    def _refresh(self, best: Genome, progress=None) -> None:
+        """Rebuild the fitness around ``best`` (e.g. the bank's statistics gathered with it), then score the
+        population again: values measured before are not comparable and are dropped."""
+        logger.info("Generation %d: rebuilding the fitness around the best plan so far", self.state.generation)
+        self.state.refreshes.append(best)
+        self.refresh(best)
+        self.archived += len(self.state.fitness)
+        self.state.fitness = {}
+        self._screened.clear()
+        self._evaluate(self.state.population, progress)
 
     @property
     def best(self) -> Genome:

@@ -139,6 +139,10 @@ class FitnessEvaluator:
                 weights[self.bank.modules[name]] = self.bank.weight(name, target)
         return weights
 
+    def reset(self) -> None:
+        """Forget the cached block outputs (after the bank changed: they were computed with its old weights)."""
+        self._cache.clear()
+
     # ---------------------------------------------------------------------------------------- evaluating
     @torch.no_grad()
     def evaluate(self, genomes: Sequence[Genome], batches: Optional[int] = None, on_block=None) -> List[float]:
