@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .. import distributed
 from ..apply import apply_targets, dense_statistics
 from ..checks import check_all_statistics
 from ..modeling.weights import WeightSnapshot, restored
@@ -81,7 +82,7 @@ def _cached(context: AllocationContext, make_stats: Callable[[int], Any], settin
         except UnhashableModelError as error:
             logger.info("%s are not cached: %s", kind, error)
             use_cache = False
-    if use_cache and path.is_file():
+    if use_cache and distributed.all_true(path.is_file()):
         try:
             stats = _load(path, make_stats, layers)
             logger.info("%s read from cache %s", kind, path)
