@@ -7,8 +7,10 @@ own process for the one-process reference (:func:`run`).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -107,7 +109,18 @@ def main(out: Path) -> None:
     log = out / f"writes-rank{rank}.txt"
     log.touch()
     _record_writes(log)
-    results = run(out)
+    messages = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("optimum_msp").addHandler(handler)
+    logging.getLogger("optimum_msp").setLevel(logging.INFO)
+    with distributed.main_process_first():  # the main process writes, the others read what it wrote
+        if distributed.is_main_process():
+            time.sleep(0.5)  # without the wait, the others would surely read first
+            (out / "first.txt").write_text("written by the main process")
+        results = {"first": (out / "first.txt").read_text()}
+    results.update(run(out))
+    results["log"] = messages
     results["world_size"] = distributed.world_size()
     torch.save(results, out / f".rank{rank}.pt.tmp")
     os.rename(out / f".rank{rank}.pt.tmp", out / f"rank{rank}.pt")  # not logged: the test's own file

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from optimum_msp import distributed
-from optimum_msp.statistics import InputHessian, InputNorms
+from optimum_msp.statistics import InputNorms
 
 import distributed_worker as worker
 
@@ -79,6 +79,14 @@ def test_one_process_is_the_plain_case():
 def test_shares_are_logged_and_checked_before_any_work():
     line = distributed.describe_shares({"calibration windows": 5, "Fisher windows": 3})
     assert line.startswith("Data-parallel run on 1 processes") and "[5]" in line and "[3]" in line
+
+
+def test_a_process_without_a_calibration_window_is_refused_before_any_work(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    with pytest.raises(ValueError, match="3 calibration windows cannot be split across 4 processes"):
+        distributed.describe_shares({"calibration windows": 3})
+    line = distributed.describe_shares({"calibration windows": 9, "Fisher windows": 2})
+    assert "calibration windows per process [3, 2, 2, 2]" in line and "Fisher windows per process [1, 1, 0, 0]" in line
 
 
 # ------------------------------------------------------------------------------------------- two processes
@@ -149,6 +157,21 @@ def test_two_processes_give_the_one_process_plan_and_weights(runs, case):
         got = first[case]["weights"][key]
         assert torch.equal(got == 0, expected == 0), key
         assert (got - expected).abs().max() <= 2e-4 * expected.abs().max(), key
+
+
+@needs_gloo
+def test_the_others_read_what_the_main_process_wrote_first(runs):
+    _root, _reference, ranks = runs
+    assert [result["first"] for result in ranks] == ["written by the main process"] * 2
+
+
+@needs_gloo
+def test_the_main_process_logs_the_processes_and_their_shares(runs):
+    _root, _reference, (first, second) = runs
+    line = ("Data-parallel run on 2 processes (gloo): calibration windows per process [3, 2]; "
+            "Fisher windows per process [2, 1]")
+    assert first["log"].count(line) == len(worker.CASES)
+    assert not any(message.startswith("Data-parallel") for message in second["log"])
 
 
 @needs_gloo
