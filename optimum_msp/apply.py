@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from . import checks
+from . import checks, distributed
 from .modeling.offload import read_matrix, write_matrix
 from .modeling.sequential import BlockRunner, forward_with_statistics
 from .modeling.weights import WeightSnapshot
@@ -64,7 +64,7 @@ def apply_targets(
         return achieved
     if calibration is None:
         raise ValueError(f"The {pruner.name!r} pruner needs calibration data.")
-    inputs = runner.capture(calibration, batch_size)
+    inputs = runner.capture(distributed.shard(calibration), batch_size)
     pruned_block: Optional[WeightSnapshot] = None  # the block to put back once its outputs are the next inputs
     try:
         for index, _block in runner.walk(inputs, desc=f"Pruning ({pruner.name})"):
@@ -100,7 +100,7 @@ def dense_statistics(
     Allocators (OWL, MSP) look at the dense model; the caller keeps only what it needs per block, so
     memory stays at one block's activations plus what the caller retains.
     """
-    inputs = runner.capture(calibration, batch_size)
+    inputs = runner.capture(distributed.shard(calibration), batch_size)
     for index, _block in runner.walk(inputs, desc=desc):
         if layers[index]:
             yield index, forward_with_statistics(runner, index, inputs, layers[index], make_stats)

@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from . import distributed
 from .allocation import ALLOCATORS, AllocationContext
 from .apply import apply_targets
 from .checks import check_model
@@ -47,7 +48,9 @@ class MSPPruner:
                  device: Union[str, torch.device, None] = None):
         self.model = model
         self.tokenizer = tokenizer
-        #: where blocks are computed (``None``: where the model computes)
+        #: where blocks are computed (``None``: where the model computes; under several processes on GPUs, a bare
+        #: ``"cuda"`` or none means each process's own GPU)
+        device = distributed.process_device(device)
         self.device = None if device is None else torch.device(device)
         #: the Hub id the model came from (the model card's ``base_model``), when known
         self.base_model = base_model if base_model is not None else base_model_id(
@@ -128,6 +131,8 @@ class MSPPruner:
             data = self.calibration(config, calibration, fitness_ids)
         context = AllocationContext(self.model, layers, config.budget(), config.allocation_options(), pruner, data,
                                     runner, config.seed, config.batch_size)
+        if distributed.world_size() > 1:
+            _log_shares(context)
         result = ALLOCATORS.get(config.allocation)(context)
         allocated = time.perf_counter()
         achieved = apply_targets(runner, layers, result.targets, pruner, None if data is None else data.ids,
@@ -148,6 +153,8 @@ class MSPPruner:
             "allocation": dict(result.report),
             "peak_rss_mb": peak_rss_mb(),
         }
+        if distributed.world_size() > 1:
+            self.report["processes"] = distributed.world_size()
         # the weights as stored (offloaded ones included) must hold the plan: a layer left dense is an error here,
         # never a silent result
         self.plan.verify(self.model, per_row=pruner.masks_per_row)
@@ -182,6 +189,8 @@ class MSPPruner:
         ``compact="deflate"`` also deflates those tensors losslessly (smaller still, slower to save). Loading
         either needs ``optimum_msp`` imported. See :mod:`optimum_msp.checkpoint.codec`.
         """
+        if not distributed.is_main_process():  # under several processes, the main one writes the one copy
+            return Path(save_directory)
         results = list(results)  # read twice: the card and the Hub's evaluation-results files
         with atomic_directory(save_directory, overwrite=overwrite, replaceable=is_pruned_checkpoint) as staging:
             save_pruned(self.model, staging, compact=compact, **kwargs)
@@ -208,6 +217,8 @@ class MSPPruner:
         """
         from .integrations.hub import push_to_hub
 
+        if not distributed.is_main_process():  # one upload per run, from the main process
+            return None
         with tempfile.TemporaryDirectory(prefix="optimum-msp-push-") as folder:
             saved = self.save_pretrained(Path(folder) / "model", compact=compact, results=results)
             message = commit_message or (
@@ -217,6 +228,22 @@ class MSPPruner:
             )
             return push_to_hub(saved, repo_id, token=token, endpoint=endpoint, private=private, exist_ok=exist_ok,
                                commit_message=message, revision=revision)
+
+
+def _log_shares(context: AllocationContext) -> None:
+    """Under several processes: how many there are and each one's share of the windows (raises now, before any
+    work, when a process would get no calibration window)."""
+    counts = {}
+    if context.calibration is not None:
+        windows = int(context.calibration.ids.shape[0])
+        counts["calibration windows"] = windows
+        fisher_samples = getattr(context.options, "fisher_samples", None)
+        if fisher_samples is not None:
+            counts["Fisher windows"] = min(fisher_samples, windows)
+    line = distributed.describe_shares(counts) if counts else (
+        f"{distributed.world_size()} processes, no calibration data: every process does the same work")
+    if distributed.is_main_process():
+        logger.info(line)
 
 
 def _write_plot(plan: SparsityPlan, folder: Path) -> Optional[str]:

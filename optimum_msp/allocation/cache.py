@@ -30,6 +30,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from .. import distributed
 from ..modeling.offload import is_offloaded, read_stored
 from ..utils.paths import cache_dir
 from ..version import __version__
@@ -107,7 +108,10 @@ def cache_path(kind: str, key: str, suffix: str) -> Path:
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temporary)`` then rename it to ``path``: readers never see a partial entry."""
+    """``write(temporary)`` then rename it to ``path``: readers never see a partial entry. Under several processes
+    only the main one writes (every process computed the same value)."""
+    if not distributed.is_main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)

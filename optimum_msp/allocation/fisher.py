@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+from .. import distributed
 from ..checks import check_finite_values
 from ..modeling.offload import is_offloaded, onloaded
 from ..modeling.sequential import BlockRunner, block_output, input_device
@@ -50,27 +51,40 @@ def fisher_traces(
         except UnhashableModelError as error:
             logger.info("Fisher traces are not cached: %s", error)
             use_cache = False
-    if use_cache and path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-            if set(cached) != set(layers):
-                raise ValueError("the entry was written for other layers")
-            check_finite_values("cached Fisher trace", cached)
-            logger.info("Fisher traces read from cache %s", path)
-            return cached
-        except Exception as error:  # a damaged entry costs a recomputation, never a failed prune
-            logger.warning("Ignoring the unreadable Fisher cache %s (%s); recomputing.", path, error)
+    cached = _read_cache(path, layers) if use_cache and path.is_file() else None
+    # every process reads the entry or every process recomputes: one recomputing alone would wait in the reduction
+    if distributed.all_true(cached is not None):
+        logger.info("Fisher traces read from cache %s", path)
+        return cached
     if blockwise is None:
         blockwise = runner is not None and _spread_out(model, runner)
     if blockwise and runner is None:
         raise ValueError("The block-wise Fisher pass needs the model's BlockRunner (runner=).")
+    # several processes: each takes its share of the sequences (the cache key above holds all of them), and the
+    # traces, sums over sequences, are summed over processes; a process with no sequence adds zeros
+    ids = distributed.shard(ids, "Fisher windows", allow_empty=True)
     with _frozen(model):
         traces = _blockwise_traces(runner, layers, ids) if blockwise else _whole_model_traces(model, layers, ids)
+    traces = distributed.reduce_values(traces)
     # a NaN/inf trace (non-finite loss or gradients) would silently order the blocks arbitrarily
     check_finite_values("Fisher trace (squared gradients of the calibration loss)", traces)
     if use_cache:
         write_atomically(path, lambda temporary: temporary.write_text(json.dumps(traces)))
     return traces
+
+
+def _read_cache(path, layers: Dict[str, nn.Module]) -> Optional[Dict[str, float]]:
+    """The cached traces, or ``None`` when the entry cannot be used (a damaged entry costs a recomputation, never a
+    failed prune)."""
+    try:
+        cached = json.loads(path.read_text())
+        if set(cached) != set(layers):
+            raise ValueError("the entry was written for other layers")
+        check_finite_values("cached Fisher trace", cached)
+        return cached
+    except Exception as error:  # noqa: BLE001
+        logger.warning("Ignoring the unreadable Fisher cache %s (%s); recomputing.", path, error)
+        return None
 
 
 def _spread_out(model: nn.Module, runner: BlockRunner) -> bool:

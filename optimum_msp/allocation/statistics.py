@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .. import distributed
 from ..apply import apply_targets, dense_statistics
 from ..checks import check_all_statistics
 from .base import Allocation, AllocationContext
@@ -183,7 +184,8 @@ def _stored(context: AllocationContext, make_stats: Callable[[int], Any], settin
         except UnhashableModelError as error:
             logger.info("%s are not cached: %s", kind, error)
             use_cache = False
-    if use_cache and (path / _INDEX).is_file():
+    # every process takes the same decision (one reading the cache while another gathers would hang its reductions)
+    if use_cache and distributed.all_true((path / _INDEX).is_file()):
         try:
             store = StatisticsStore(path, make_stats)
             store.validate(layers)
@@ -192,6 +194,8 @@ def _stored(context: AllocationContext, make_stats: Callable[[int], Any], settin
         except Exception as error:  # a damaged entry costs a recomputation, never a failed prune
             logger.warning("Ignoring the unreadable statistics cache %s (%s); recomputing.", path, error)
             shutil.rmtree(path, ignore_errors=True)
+    # under several processes only the main one writes the cache entry; the others keep theirs in a work folder
+    use_cache = use_cache and distributed.is_main_process()
     parent = path.parent if use_cache else Path(work_dir) if work_dir else None
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from .arguments import add_config_arguments, config_from_args
 def _prune(args: argparse.Namespace) -> int:
     import torch
 
+    from .. import distributed
     from ..checkpoint.marker import is_pruned_checkpoint
     from ..data import resolve_bos
     from ..evaluation import perplexity
@@ -58,7 +59,8 @@ def _prune(args: argparse.Namespace) -> int:
         compact = False if args.compact == "none" else args.compact  # "sparse" / "deflate": save_pruned's modes
         pruner.save_pretrained(args.output, compact=compact, results=card_results, overwrite=args.overwrite)
         result["output"] = args.output
-    print(json.dumps(result, indent=2))
+    if distributed.is_main_process():  # one result per run, not one per process
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+from .. import distributed
 from .blocks import find_decoder_blocks
 from .capture import BlockInputs, Replay, StandIn, capture_block_inputs, swapped_blocks
 from .offload import compute_device, onloaded
@@ -229,4 +230,7 @@ def forward_with_statistics(
     """One pass through block ``index`` collecting input statistics of ``layers``."""
     with InputStatistics(layers, make_stats) as collector:
         runner.run_block(index, inputs, on_batch=collector.new_batch, keep=False)
+    # the one place a block's statistics are complete: under several processes each saw its share of the windows,
+    # and every process gets their sum before anything uses them (nothing happens for one process)
+    distributed.reduce_statistics(collector.stats)
     return collector.stats

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from transformers.utils import logging as hf_logging
 
+from ... import distributed
 from ..levels import Genome, LevelSpace
 
 logger = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ class EvolutionarySearch:
         return population
 
     def _save(self) -> None:
-        if self.checkpoint is None:
+        if self.checkpoint is None or not distributed.is_main_process():  # one writer; every process has the state
             return
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
