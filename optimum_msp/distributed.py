@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, TypeVar, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -175,6 +175,28 @@ def reduce_values(values: Dict[str, float]) -> Dict[str, float]:
     summed = all_reduce_(torch.tensor([float(values[name]) for name in names], dtype=torch.float64)).tolist()
     by_name = dict(zip(names, summed))
     return {name: by_name[name] for name in values}
+
+
+def split_work(count: int, keys: Optional[List[Any]] = None) -> List[int]:
+    """The indices of ``count`` items this process works on: a balanced contiguous share of the items sorted by
+    ``keys`` (items with similar keys, e.g. genomes sharing a prefix, land on one process). All: one process."""
+    if not _initialised():
+        return list(range(count))
+    order = sorted(range(count), key=lambda i: keys[i]) if keys is not None else list(range(count))
+    counts = share(count)
+    start = sum(counts[: rank()])
+    return order[start : start + counts[rank()]]
+
+
+def gather_values(count: int, indices: List[int], values: List[float]) -> List[float]:
+    """Every process's ``values`` (of the items at ``indices`` out of ``count``, see :func:`split_work`) in item
+    order, on every process. One process: ``values`` put in item order."""
+    merged = torch.zeros(count, dtype=torch.float64)
+    for index, value in zip(indices, values):
+        merged[index] = value
+    if _initialised():
+        all_reduce_(merged)  # each item is filled on exactly one process, zero elsewhere
+    return merged.tolist()
 
 
 def all_true(flag: bool) -> bool:

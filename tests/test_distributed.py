@@ -160,6 +160,17 @@ def test_two_processes_give_the_one_process_plan_and_weights(runs, case):
 
 
 @needs_gloo
+@pytest.mark.parametrize("case", list(worker.CASES))
+def test_the_search_splits_its_candidates_over_the_processes(runs, case):
+    """Each process scores a share of every generation's new plans (and gathers the others' values): together they
+    score what one process scores alone, each fewer."""
+    _root, reference, ranks = runs
+    here = [r[case]["report"]["allocation"]["evaluations_here"] for r in ranks]
+    alone = reference[case]["report"]["allocation"]["evaluations_here"]
+    assert sum(here) == alone and all(0 < count < alone for count in here)
+
+
+@needs_gloo
 def test_the_others_read_what_the_main_process_wrote_first(runs):
     _root, _reference, ranks = runs
     assert [result["first"] for result in ranks] == ["written by the main process"] * 2

@@ -248,6 +248,7 @@ def msp(context: AllocationContext) -> AllocationResult:
         "screened": len(search._screened),
         "evaluations_this_run": search.new_evaluations,
         "blocks_run": evaluator.blocks_run,
+        "evaluations_here": evaluator.evaluations,  # this process's share under several processes
         "bank_entries_computed": bank.computed,
         "bank_entries_read_back": bank.read_back,
         "memory_mb": memory,  # what the search held (peak RSS also has the model, one block's statistics, slack)

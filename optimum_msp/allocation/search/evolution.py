@@ -214,7 +214,12 @@ class EvolutionarySearch:
                 shown[0] = reached
 
         options = {} if batches is None else {"batches": batches}
-        values = evaluate_many(list(genomes), on_block=on_block, **options)
+        # under several processes each scores a share (genomes sorted, so shared prefixes stay on one process and
+        # its cache of block outputs serves them); every process then holds every value and breeds alike
+        genomes = list(genomes)
+        mine = distributed.split_work(len(genomes), genomes)
+        values = evaluate_many([genomes[i] for i in mine], on_block=on_block, **options)
+        values = distributed.gather_values(len(genomes), mine, values)
         if progress is not None:
             progress.update(len(genomes) - shown[0])
         return values
