@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from optimum_msp.masks import lowest_mask, measure_layer, nm_mask, nm_violations, row_prune_counts, unstructured_mask
+from optimum_msp.masks import (
+    lowest_mask, measure_layer, nm_mask, nm_violations, row_prune_counts, unstructured_mask,
+)
 
 
 @pytest.mark.parametrize("n,m", [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4), (2, 8), (3, 8), (5, 8)])
@@ -29,7 +31,8 @@ def test_unstructured_mask_exact_per_row(sparsity):
             assert scores[row][mask[row]].min() >= scores[row][~mask[row]].max()
 
 
-@pytest.mark.parametrize("rows,cols,sparsity", [(8, 40, 0.537), (7, 64, 0.755), (5, 63, 0.5), (16, 64, 0.7), (3, 10, 1 / 3)])
+@pytest.mark.parametrize("rows,cols,sparsity",
+                         [(8, 40, 0.537), (7, 64, 0.755), (5, 63, 0.5), (16, 64, 0.7), (3, 10, 1 / 3)])
 def test_unstructured_mask_off_the_row_grid_prunes_the_layers_nearest_count(rows, cols, sparsity):
     """A target off the 1/cols grid: the layer loses round(sparsity * numel) weights (not round(sparsity * cols) in
     every row, which is up to half a weight per row off), rows differ by at most one, each row's lowest."""
