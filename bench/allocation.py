@@ -10,26 +10,38 @@ bench/results/allocation.jsonl and the table is printed from that file.
     python bench/allocation.py --threads 1 --rows sparsegpt:2:8:msp      # mixed N:M, M=8, 75 %
     python bench/allocation.py --table
     python bench/allocation.py --matrix        # PPL per pruner x target x allocation, uniform from baselines.py
+
+Seed spread: ``--seeds 0,1,2`` runs every row once per seed (``--seed s``: the calibration windows, the MSP
+fitness windows and the search are all drawn from it; the test windows stay the same), one row per seed in the
+results file; ``--seeds-table`` prints mean (min-max) per cell and allocation, and calls MSP a gain over its
+Fisher seed only where it beats it by more than the seed-to-seed spread:
+
+    python bench/allocation.py --threads 1 --seeds 0,1,2 --rows wanda:0.75:uniform wanda:0.75:owl \
+        wanda:0.75:fisher wanda:0.75:msp
+    python bench/allocation.py --seeds-table
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    RESULTS, Timer, append_result, git_commit, markdown_table, peak_rss_mb, read_results, run_rows, set_threads,
-    wikitext_perplexity,
+    RESULTS, SWEEP_WINDOWS, Timer, append_result, git_commit, markdown_table, peak_rss_mb, read_results, run_rows,
+    set_threads, wikitext_perplexity,
 )
 
 from optimum_msp.commands.arguments import add_config_arguments  # noqa: E402
 
 OUT = RESULTS / "allocation.jsonl"
 ALLOCATIONS = ("uniform", "owl", "fisher", "msp")
-COLUMNS = ["method", "target", "allocation", "eval_windows", "ppl", "ppl_16", "achieved_sparsity", "search_s",
+COLUMNS = ["method", "target", "allocation", "seed", "eval_windows", "ppl", "ppl_16", "achieved_sparsity", "search_s",
            "search_cpu_s", "evaluations", "evals_per_s", "dense_fwd_evals_per_s", "best_fitness", "uniform_fitness",
            "prune_s", "threads"]
 
@@ -125,10 +137,12 @@ def _default_settings(row: dict) -> bool:
     experiment. Rows record the flags they were given (``overrides``); older rows are compared field by field."""
     from optimum_msp import MSPConfig
 
-    if "overrides" in row:
-        # search_cache_mb changes block runs, never the plan (tests/allocation/test_search.py)
-        return not set(row["overrides"]) - {"search_cache_mb"}
     defaults = MSPConfig(sparsity=0.5, allocation="msp")
+    if "overrides" in row:
+        # search_cache_mb changes block runs, never the plan (tests/allocation/test_search.py); the default seed
+        # given explicitly (a --seeds run) is the default experiment
+        return not {name for name, value in row["overrides"].items()
+                    if name != "search_cache_mb" and not (name == "seed" and value == defaults.seed)}
     if (row.get("seed") not in (None, defaults.seed) or row.get("max_deviation") not in (None, defaults.max_deviation)
             or row.get("granularity") not in (None, defaults.granularity)):
         return False
@@ -189,6 +203,108 @@ def _short(value: float) -> str:
     return f"{value:.4g}" if value < 1e4 else f"{value:.3g}"
 
 
+# ------------------------------------------------------------------------------------------------ seed spread
+def seed_list(text: str) -> List[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (the ``--seeds`` flag)."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers such as 0,1,2, got {text!r}.")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds needs distinct seeds, got {text!r}.")
+    return seeds
+
+
+def _settings_key(row: dict) -> Optional[str]:
+    """What must agree, beside the seed, for rows to be seeds of one experiment: the flags given (minus the seed
+    and the memory-only search_cache_mb) and the test windows. ``None``: a row whose settings are unknown."""
+    if "overrides" in row:
+        overrides = {k: v for k, v in row["overrides"].items() if k not in ("seed", "search_cache_mb")}
+    elif _default_settings(row):
+        overrides = {}
+    else:
+        return None
+    windows = SWEEP_WINDOWS if "ppl_16" in row else row.get("eval_windows")  # a full-split row also has ppl_16
+    return json.dumps({"overrides": overrides, "eval_windows": windows}, sort_keys=True)
+
+
+def seed_cells(rows: Sequence[dict]) -> Dict[tuple, Dict[str, Dict[int, float]]]:
+    """``{(method, target, settings): {allocation: {seed: PPL}}}`` of the allocation rows (a later row of the same
+    cell, allocation and seed replaces an earlier one). PPL: the 16-window value of a full-split row."""
+    cells: Dict[tuple, Dict[str, Dict[int, float]]] = {}
+    for row in rows:
+        settings = _settings_key(row) if "allocation" in row and "ppl" in row else None
+        if settings is None:
+            continue
+        ppl = row.get("ppl_16", row["ppl"])
+        seed = row.get("seed", 0)
+        cells.setdefault((row["method"], row["target"], settings), {}).setdefault(row["allocation"], {})[seed] = ppl
+    return cells
+
+
+def spread(values: Sequence[float]) -> float:
+    """Seed-to-seed spread: max - min (0 for one value)."""
+    return max(values) - min(values)
+
+
+def msp_verdict(fisher: Dict[int, float], msp: Dict[int, float]) -> str:
+    """Whether MSP beats its Fisher seed, on the seeds both ran (lower PPL is better).
+
+    ``gain``: MSP's mean PPL is below Fisher's by more than the larger of their seed-to-seed spreads (max - min);
+    ``loss``: above it by more than that; ``within spread``: neither; ``-``: fewer than 2 common seeds (no spread
+    to compare with)."""
+    common = sorted(set(fisher) & set(msp))
+    if len(common) < 2:
+        return "-"
+    f, m = [fisher[s] for s in common], [msp[s] for s in common]
+    margin = max(spread(f), spread(m))
+    difference = statistics.mean(f) - statistics.mean(m)
+    if difference > margin:
+        return "gain"
+    if -difference > margin:
+        return "loss"
+    return "within spread"
+
+
+def _mean_range(values: Dict[int, float], seeds: int) -> str:
+    if not values:
+        return "-"
+    shown = list(values.values())
+    text = _short(statistics.mean(shown))
+    if len(shown) > 1:
+        text += f" ({_short(min(shown))}–{_short(max(shown))})"
+    return text + (f" [{len(shown)} seeds]" if len(shown) != seeds else "")
+
+
+def seed_table(rows: Sequence[dict]) -> str:
+    """Mean PPL over seeds (min–max) per (pruner, target, settings) and allocation, and MSP against its Fisher seed
+    on their common seeds. Settings other than the defaults are named in the ``settings`` column."""
+    lines = ["| pruner | target | settings | seeds | " + " | ".join(ALLOCATIONS)
+             + " | msp / fisher | fisher − msp | spread | msp vs fisher |",
+             "|" + "---|" * (len(ALLOCATIONS) + 8)]
+    for (method, target, settings), by_allocation in sorted(seed_cells(rows).items()):
+        seeds = sorted(set().union(*(set(v) for v in by_allocation.values())))
+        fisher, msp = by_allocation.get("fisher", {}), by_allocation.get("msp", {})
+        common = sorted(set(fisher) & set(msp))
+        compared = ("-", "-", "-")
+        if common:
+            f = statistics.mean(fisher[s] for s in common)
+            m = statistics.mean(msp[s] for s in common)
+            margin = max(spread([fisher[s] for s in common]), spread([msp[s] for s in common]))
+            compared = (f"{m / f:.2f}x", _short(f - m), _short(margin) if len(common) > 1 else "-")
+        named = json.loads(settings)
+        label = ", ".join(f"{k}={v}" for k, v in sorted(named["overrides"].items()))
+        label = (label + "; " if label else "") + f"{named['eval_windows']} test windows"
+        lines.append(f"| {method} | {target} | {label} | {','.join(map(str, seeds))} | "
+                     + " | ".join(_mean_range(by_allocation.get(a, {}), len(seeds)) for a in ALLOCATIONS)
+                     + " | " + " | ".join(compared) + f" | {msp_verdict(fisher, msp)} |")
+    lines.append("")
+    lines.append("PPL: mean over seeds (min–max); [n seeds] where a cell has fewer seeds than its row. MSP against "
+                 "Fisher on the seeds both ran: spread = the larger of their max − min; gain / loss only where the "
+                 "means differ by more than that.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -204,10 +320,19 @@ def main() -> None:
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--matrix", nargs="*", default=None, metavar="JSONL",
                         help="print the PPL matrix from these result files (default: allocation + baselines)")
+    parser.add_argument("--seeds", type=seed_list, default=None, metavar="S0,S1,...",
+                        help="run every row once per seed (calibration windows, fitness windows and search redrawn "
+                             "together); instead of --seed")
+    parser.add_argument("--seeds-table", nargs="*", default=None, metavar="JSONL",
+                        help="print mean (min-max) over seeds per cell and allocation, with MSP's gain over Fisher "
+                             "(default file: --output)")
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.matrix is not None:
         print(matrix(args.matrix or [OUT, RESULTS / "baselines.jsonl"]))
+        return
+    if args.seeds_table is not None:
+        print(seed_table([row for path in (args.seeds_table or [args.output]) for row in read_results(Path(path))]))
         return
     if args.table:
         print(markdown_table(read_results(Path(args.output)), COLUMNS))
@@ -215,8 +340,16 @@ def main() -> None:
     if args.single:
         run_row(args.single, args)
         return
-    run_rows(__file__, args.rows, sys.argv[1:])
-    print(markdown_table(read_results(Path(args.output)), COLUMNS))
+    if args.seeds is None:
+        run_rows(__file__, args.rows, sys.argv[1:])
+        print(markdown_table(read_results(Path(args.output)), COLUMNS))
+        return
+    if args.seed is not None:
+        parser.error("give either --seeds or --seed, not both")
+    for row in args.rows:  # a cell's seeds one after another: an interrupted sweep still has whole cells
+        for seed in args.seeds:
+            run_rows(__file__, [row], sys.argv[1:], drop=("--seeds",), extra=("--seed", str(seed)))
+    print(seed_table(read_results(Path(args.output))))
 
 
 if __name__ == "__main__":

@@ -55,17 +55,28 @@ def run_isolated(script: str, args: Iterable[str]) -> int:
     return subprocess.call([sys.executable, script, *args])
 
 
-def run_rows(script: str, rows: Iterable[str], argv: List[str]) -> None:
-    """Run every row in its own process, passing on the command line minus ``--rows ...``."""
+def without_flags(argv: List[str], flags: Iterable[str]) -> List[str]:
+    """``argv`` minus every flag of ``flags`` and its values (``--rows a b``, ``--seeds=0,1``)."""
+    flags = tuple(flags)
     passthrough, skipping = [], False
     for item in argv:
-        if item == "--rows":
+        if item in flags:
             skipping = True
+            continue
+        if item.split("=", 1)[0] in flags:
             continue
         if skipping and not item.startswith("--"):
             continue
         skipping = False
         passthrough.append(item)
+    return passthrough
+
+
+def run_rows(script: str, rows: Iterable[str], argv: List[str], drop: Iterable[str] = (),
+             extra: Iterable[str] = ()) -> None:
+    """Run every row in its own process, passing on the command line minus ``--rows ...`` (and ``drop``), plus
+    ``extra``."""
+    passthrough = [*without_flags(argv, ("--rows", *drop)), *extra]
     for row in rows:
         run_isolated(script, [*passthrough, "--single", row])
 

@@ -6,8 +6,10 @@ Conventions (stated once, used everywhere):
 * **N:M** follows NVIDIA's convention: at most ``N`` *non-zeros are kept* in every group of ``M``
   consecutive input weights of a row. 2:4 is 50 % sparse, 2:8 is 75 % sparse. (Some research code counts
   the *pruned* weights instead; we never do.)
-* **Unstructured** masks are chosen per output row, as Wanda does: every row keeps the same number of
-  weights, so the layer's sparsity is exact up to rounding one row's count.
+* **Unstructured** masks are chosen per output row, as Wanda does. The layer prunes ``round(sparsity * numel)``
+  weights, the nearest count to its target: row ``i`` prunes ``round(a * (i + 1)) - round(a * i)`` with
+  ``a = sparsity * in_features`` (the remainder carried from row to row), so rows differ by at most one weight
+  and a target off the ``1/in_features`` grid does not gain or lose a fraction of a weight in every row.
 * Ties are broken deterministically: among equal scores, the weight with the lower input index is pruned
   first (stable sort), so the same weights always give the same mask.
 """
@@ -36,29 +38,55 @@ def _matrix_shape(tensor: torch.Tensor, what: str):
     return tensor.shape
 
 
-def prune_count(in_features: int, sparsity: float) -> int:
-    """How many weights an unstructured row of ``in_features`` loses at ``sparsity``."""
-    return min(in_features, int(round(in_features * sparsity)))
+def row_prune_counts(rows: int, cols: int, sparsity: float) -> torch.Tensor:
+    """Weights each of ``rows`` rows of ``cols`` loses so that the matrix loses ``round(sparsity * rows * cols)``:
+    the remainder of every row is carried to the next (counts differ by at most one; on the ``1/cols`` grid
+    every row gets ``round(sparsity * cols)``). Computed in float64 on the CPU (a count, not a tensor op of
+    the layer), as a CPU int64 tensor of ``rows``."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}.")
+    cumulative = torch.round(torch.arange(rows + 1, dtype=torch.float64) * (sparsity * cols)).long()
+    return (cumulative[1:] - cumulative[:-1]).clamp_(0, cols)
 
 
-def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep the highest-scoring ``1 - sparsity`` of every row.
+def lowest_mask(scores: torch.Tensor, counts) -> torch.Tensor:
+    """Prune the ``counts[i]`` lowest scores of every row ``i`` (``counts``: an int for every row, or one per row
+    differing by at most one); keep the rest.
 
     Selection instead of a sort (about 2x faster): every score below the row's k-th smallest is pruned,
     and the rest of the k come from the scores equal to it, lowest input index first, which is exactly
-    what a stable sort would prune.
+    what a stable sort would prune. Rows that prune one more then lose their lowest kept score (lowest index
+    among ties, as the sort would).
     """
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}.")
     _matrix_shape(scores, "An unstructured mask")
-    pruned_count = prune_count(scores.shape[1], sparsity)
-    if pruned_count == 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    threshold = scores.kthvalue(pruned_count, dim=1, keepdim=True).values
-    below = scores < threshold
-    tied = scores == threshold
-    still_needed = pruned_count - below.sum(dim=1, keepdim=True)
-    return ~(below | (tied & (tied.cumsum(dim=1) <= still_needed)))
+    if isinstance(counts, int):
+        low = high = counts
+        extra = None
+    else:
+        low, high = int(counts.min()), int(counts.max())
+        if high - low > 1:
+            raise ValueError(f"Row prune counts may differ by at most one, got {low} to {high}.")
+        extra = (counts.to(scores.device) > low).unsqueeze(1) if high > low else None
+    if low == 0:
+        kept = torch.ones_like(scores, dtype=torch.bool)
+    else:
+        threshold = scores.kthvalue(low, dim=1, keepdim=True).values
+        below = scores < threshold
+        tied = scores == threshold
+        still_needed = low - below.sum(dim=1, keepdim=True)
+        kept = ~(below | (tied & (tied.cumsum(dim=1) <= still_needed)))
+    if extra is not None:
+        # argmin returns the first of equal minima: the lowest input index, as a stable sort prunes
+        next_lowest = scores.masked_fill(~kept, float("inf")).argmin(dim=1, keepdim=True)
+        kept.scatter_(1, next_lowest, ~extra & kept.gather(1, next_lowest))
+    return kept
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep the highest-scoring weights of every row, ``round(sparsity * numel)`` pruned in all
+    (:func:`row_prune_counts`)."""
+    rows, cols = _matrix_shape(scores, "An unstructured mask")
+    return lowest_mask(scores, row_prune_counts(rows, cols, sparsity))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

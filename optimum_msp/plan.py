@@ -66,19 +66,22 @@ def required_zeros(rows: int, cols: int, target: LayerTarget, per_row: Optional[
 
     * N:M: every group of ``m`` inputs drops ``m - n`` (exact; the groups themselves are checked separately).
     * Unstructured, pruners that choose per output row (``per_row=True``: magnitude, Wanda, any pruner with
-      ``masks_per_row``): each row prunes ``round(sparsity * cols)`` weights, so at least
-      ``rows * floor(sparsity * cols)``.
+      ``masks_per_row``): they prune ``round(sparsity * rows * cols)`` weights, rows differing by at most one
+      (:func:`optimum_msp.masks.row_prune_counts`); checkpoints of earlier builds pruned
+      ``round(sparsity * cols)`` in every row. At least ``rows * floor(sparsity * cols)`` accepts both.
     * Unstructured, SparseGPT (``per_row=False``): it selects over column blocks of ``rows * width`` weights and
-      rounds once per block; ``width`` is its ``block_size`` (not recorded in the plan, and as small as 1), so a
-      block may fall short by half a weight, i.e. at most half a weight per input column over the layer:
-      ``ceil(sparsity * rows * cols - cols / 2)``. Also allowed the per-row count when that is lower.
+      now carries the rounding from block to block (``round(sparsity * rows * cols)`` in all); before, it
+      rounded once per block, which a ``width`` as small as 1 (its ``block_size``, not recorded in the plan)
+      lets fall short by half a weight per input column: ``ceil(sparsity * rows * cols - cols / 2)``, or the
+      per-row count when that is lower.
     * ``per_row=None`` (a method this process does not know): the lower of the two.
 
-    Measured on the tiny test models (LLaMA, GPT-2, OPT; sparsity 0.3, 1/3, 0.5, 0.537, 0.7, 0.9; SparseGPT with
-    block sizes 128 and 48): magnitude and Wanda never fall below the per-row count (they are up to 71 zeros
-    under ``sparsity * numel``, one row's rounding times the rows), SparseGPT at most 0.6 of a zero under
-    ``sparsity * numel``. The tolerance is thus a fraction of one weight per row or column: a checkpoint whose
-    layer was swapped for a denser one fails by thousands of zeros.
+    Measured with the per-block and same-count-per-row rounding on the tiny test models (LLaMA, GPT-2, OPT;
+    sparsity 0.3, 1/3, 0.5, 0.537, 0.7, 0.9; SparseGPT with block sizes 128 and 48): magnitude and Wanda never
+    fell below the per-row count (they were up to 71 zeros under ``sparsity * numel``, one row's rounding times
+    the rows), SparseGPT at most 0.6 of a zero under ``sparsity * numel``. The tolerance is thus a fraction of
+    one weight per row or column: a checkpoint whose layer was swapped for a denser one fails by thousands of
+    zeros.
     """
     if target.is_nm:
         return rows * (cols // target.m) * (target.m - target.n)

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from optimum_msp.masks import measure_layer, nm_mask, nm_violations, unstructured_mask
+from optimum_msp.masks import (
+    lowest_mask, measure_layer, nm_mask, nm_violations, row_prune_counts, unstructured_mask,
+)
 
 
 @pytest.mark.parametrize("n,m", [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4), (2, 8), (3, 8), (5, 8)])
@@ -27,6 +29,34 @@ def test_unstructured_mask_exact_per_row(sparsity):
     for row in range(8):
         if 0 < expected_pruned < 40:
             assert scores[row][mask[row]].min() >= scores[row][~mask[row]].max()
+
+
+@pytest.mark.parametrize("rows,cols,sparsity",
+                         [(8, 40, 0.537), (7, 64, 0.755), (5, 63, 0.5), (16, 64, 0.7), (3, 10, 1 / 3)])
+def test_unstructured_mask_off_the_row_grid_prunes_the_layers_nearest_count(rows, cols, sparsity):
+    """A target off the 1/cols grid: the layer loses round(sparsity * numel) weights (not round(sparsity * cols) in
+    every row, which is up to half a weight per row off), rows differ by at most one, each row's lowest."""
+    scores = torch.rand(rows, cols, generator=torch.Generator().manual_seed(rows * cols))
+    scores[:, ::5] = 0.5  # ties, so the tie-break decides part of the mask
+    mask = unstructured_mask(scores, sparsity)
+    pruned = (~mask).sum(dim=1)
+    assert int(pruned.sum()) == round(sparsity * rows * cols)
+    assert int(pruned.max()) - int(pruned.min()) <= 1
+    for row in range(rows):  # each row prunes its lowest scores, ties to the lower index (a stable sort)
+        expected = torch.ones(cols, dtype=torch.bool)
+        expected[torch.sort(scores[row], stable=True).indices[: int(pruned[row])]] = False
+        assert torch.equal(mask[row], expected)
+
+
+def test_row_counts_on_the_grid_are_the_same_in_every_row():
+    for cols, sparsity in ((40, 0.6), (64, 0.75), (10, 0.7), (64, 0.0), (64, 1.0)):
+        counts = row_prune_counts(9, cols, sparsity)
+        assert counts.tolist() == [round(sparsity * cols)] * 9
+
+
+def test_lowest_mask_refuses_counts_that_differ_by_more_than_one():
+    with pytest.raises(ValueError, match="at most one"):
+        lowest_mask(torch.rand(2, 8), torch.tensor([1, 3]))
 
 
 def test_ties_break_deterministically_towards_lower_index():

@@ -40,11 +40,14 @@ def test_prune_meets_plan(arch, method, kwargs):
         n, m = config.nm
         for name, layer in report.layers.items():
             assert layer.nm_violations == 0
-    elif method != "sparsegpt":  # Wanda/magnitude: exact per output row
+    else:  # every layer holds its nearest count; Wanda/magnitude spread it over the rows, at most one apart
         for block in prunable_layers(pruner.model):
             for name, module in block.items():
-                rows = (weight_matrix(module) == 0).sum(dim=1)
-                assert torch.all(rows == rows[0])
+                weight = weight_matrix(module)
+                assert int((weight == 0).sum()) == round(plan.layers[name].target.sparsity * weight.numel()), name
+                if method != "sparsegpt":
+                    rows = (weight == 0).sum(dim=1)
+                    assert int(rows.max() - rows.min()) <= 1, name
 
 
 @pytest.mark.parametrize("arch", CORE_ARCHITECTURES)

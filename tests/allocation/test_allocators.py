@@ -41,6 +41,31 @@ def test_global_sparsity_is_exactly_the_target(arch, allocation, target):
         assert all(layer.target.m == target["m"] for layer in plan.layers.values())
 
 
+NARROW_TARGETS = [dict(sparsity=0.75), dict(sparsity=0.537), dict(pattern="mixed-n:m", m=8, sparsity=0.75)]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])  # one pruner that masks per row, one per column block
+@pytest.mark.parametrize("allocation", ["uniform", "owl", "fisher", "msp"])
+@pytest.mark.parametrize("target", NARROW_TARGETS, ids=lambda t: f"{t.get('pattern', 'unstructured')}-{t['sparsity']}")
+def test_achieved_sparsity_is_the_target_within_half_a_weight_per_layer(method, allocation, target):
+    """The zeros actually in the weights, not only the plan: on 64-wide layers with level targets off the 1/64
+    grid (OWL's 0.005 steps), per-row rounding used to add up (OWL at 0.75 held 0.7530 on this model, 448 weights
+    over). Each layer may now miss its count by half a weight; mixed N:M is exact."""
+    if allocation == "uniform" and "pattern" in target:
+        target = dict(target, sparsity=0.5)  # a mixed uniform target needs a whole N
+    model = tiny_model("llama", seed=1, num_hidden_layers=4)
+    pruner = MSPPruner(model)
+    pruner.prune(MSPConfig(method=method, allocation=allocation, generations=1, population_size=4, fisher_samples=2,
+                           fitness_samples=2, fitness_seqlen=16, **target),
+                 calibration=calibration_ids(4, 32), fitness_ids=calibration_ids(2, 32, seed=7))
+    report = pruner.plan.measure(pruner.model)  # prune() has verified the plan already
+    zeros = sum(layer.zeros for layer in report.layers.values())
+    total = sum(layer.numel for layer in report.layers.values())
+    missed = abs(zeros - round(target["sparsity"] * total))
+    assert missed <= (0 if "pattern" in target else len(report.layers) / 2), (
+        f"{zeros} zeros of {total}: {zeros / total:.6f} for a {target['sparsity']} target")
+
+
 @pytest.mark.parametrize("allocation", ["fisher", "msp"])
 def test_plan_records_sensitivities(allocation):
     plan = SparsityPlan.from_config(_prune("llama", allocation, sparsity=0.7).model.config)

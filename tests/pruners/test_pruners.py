@@ -121,13 +121,29 @@ def test_sparsegpt_block_mask_prunes_the_lowest_saliencies_ties_to_the_lower_fla
     block = torch.randn(24, 16, generator=generator)
     block[::3, ::2] = 0.5  # many equal saliencies, so the tie-break decides part of the mask
     diag = torch.rand(16, generator=generator) + 0.5
-    pruned = SparseGPTPruner._unstructured_block_mask(block, diag, sparsity)
     saliency = (block**2 / diag**2).flatten()
     count = round(saliency.numel() * sparsity)
+    pruned = SparseGPTPruner._unstructured_block_mask(block, diag, count)
     expected = torch.zeros(saliency.numel(), dtype=torch.bool)
     expected[torch.sort(saliency, stable=True).indices[:count]] = True  # a stable sort: the reference
     assert int(pruned.sum()) == count
     assert torch.equal(pruned.flatten(), expected)
+
+
+@pytest.mark.parametrize("block_size", [16, 7, 128])
+def test_sparsegpt_prunes_the_layers_nearest_count_over_several_blocks(block_size):
+    # 12 x 16 at 0.6 is 115.2 per block: rounding each block alone loses a weight every few blocks
+    weight, x = _layer_data(seed=6, rows=12, cols=48, tokens=256)
+    pruner = get_pruner("sparsegpt", block_size=block_size)
+    pruned = pruner.prune(weight, _stats(pruner, x), LayerTarget(0.6))
+    assert int((pruned == 0).sum()) == round(0.6 * 12 * 48)
+
+
+def test_wanda_off_the_row_grid_prunes_the_layers_nearest_count():
+    weight, x = _layer_data(7, rows=16, cols=64)
+    pruner = get_pruner("wanda")
+    pruned = pruner.prune(weight, _stats(pruner, x), LayerTarget(0.755))  # 48.32 per row
+    assert int((pruned == 0).sum()) == round(0.755 * 16 * 64)
 
 
 def _textbook_sparsegpt(weight, hessian, target, block_size, dampening=0.01):
@@ -141,7 +157,9 @@ def _textbook_sparsegpt(weight, hessian, target, block_size, dampening=0.01):
         if not target.is_nm:
             saliency = (W[:, start:end] ** 2 / torch.diag(U)[start:end] ** 2).flatten()
             pruned = torch.zeros_like(saliency, dtype=torch.bool)
-            pruned[torch.sort(saliency, stable=True).indices[: round(saliency.numel() * target.sparsity)]] = True
+            # the layer's count split over the blocks with the remainder carried on (the paper rounds per block)
+            count = round(target.sparsity * W.shape[0] * end) - round(target.sparsity * W.shape[0] * start)
+            pruned[torch.sort(saliency, stable=True).indices[:count]] = True
             pruned = pruned.reshape(W.shape[0], end - start)
         else:
             pruned = torch.zeros(W.shape[0], end - start, dtype=torch.bool)

@@ -1,0 +1,85 @@
+"""The seed-spread logic of bench/allocation.py (a script, not part of the package): which rows are seeds of one
+experiment, and when MSP counts as a gain over its Fisher seed."""
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("allocation")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _row(allocation, seed, ppl, method="wanda", target="0.75", **extra):
+    overrides = {"seed": seed, **extra.pop("overrides", {})}
+    return {"method": method, "target": target, "allocation": allocation, "seed": seed, "ppl": ppl,
+            "eval_windows": 16, "overrides": overrides, **extra}
+
+
+def test_seed_list(bench):
+    assert bench.seed_list("0,1,2") == [0, 1, 2]
+    for bad in ("0,x", "1,1", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
+            bench.seed_list(bad)
+
+
+@pytest.mark.parametrize("fisher, msp, verdict", [
+    ({0: 100, 1: 104, 2: 102}, {0: 90, 1: 93, 2: 91}, "gain"),           # 11 better, spreads 4 and 3
+    ({0: 100, 1: 104, 2: 102}, {0: 97, 1: 99, 2: 100}, "within spread"),  # 3.3 better, spread 4
+    ({0: 100, 1: 101, 2: 102}, {0: 95, 1: 99, 2: 103}, "within spread"),  # 2 better, but MSP's own spread is 8
+    ({0: 90, 1: 93, 2: 91}, {0: 100, 1: 104, 2: 102}, "loss"),
+    ({0: 100, 1: 104}, {0: 50}, "-"),                                    # one common seed: no spread to judge by
+    ({0: 100, 1: 104, 5: 300}, {0: 90, 1: 93, 2: 10}, "gain"),          # only the seeds both ran are compared
+])
+def test_msp_counts_as_a_gain_only_beyond_the_seed_spread(bench, fisher, msp, verdict):
+    assert bench.msp_verdict(fisher, msp) == verdict
+
+
+def test_seed_cells_group_seeds_of_one_experiment(bench):
+    rows = [
+        _row("fisher", 0, 100.0), _row("fisher", 1, 104.0),
+        _row("msp", 0, 95.0), _row("msp", 0, 91.0),  # a re-run of seed 0 replaces the earlier row
+        _row("msp", 1, 93.0, overrides={"search_cache_mb": 0}),  # memory only: the same experiment
+        _row("msp", 0, 50.0, overrides={"generations": 1}),  # another budget: another cell
+        _row("fisher", 2, 103.0, ppl_16=102.0, eval_windows="all (148)"),  # a full-split row counts by its 16 windows
+        {"method": "wanda", "pattern": "0.75", "ppl": 1.0},  # a baselines.py row: no allocation, left out
+    ]
+    cells = bench.seed_cells(rows)
+    assert len(cells) == 2
+    default = next(v for k, v in cells.items() if "generations" not in k[2])
+    assert default == {"fisher": {0: 100.0, 1: 104.0, 2: 102.0}, "msp": {0: 91.0, 1: 93.0}}
+    other = next(v for k, v in cells.items() if "generations" in k[2])
+    assert other == {"msp": {0: 50.0}}
+
+
+def test_seed_table_prints_mean_range_and_verdict(bench):
+    rows = [_row(a, s, p) for a, values in (("uniform", (300, 320, 310)), ("fisher", (100, 104, 102)),
+                                            ("msp", (90, 93, 91))) for s, p in enumerate(values)]
+    table = bench.seed_table(rows)
+    line = next(line for line in table.splitlines() if line.startswith("| wanda"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[3] == "0,1,2"
+    assert cells[4] == "310 (300–320)"  # uniform: mean (min–max)
+    assert cells[5] == "-"  # no OWL rows
+    assert cells[6:8] == ["102 (100–104)", "91.33 (90–93)"]
+    assert cells[-1] == "gain" and cells[-2] == "4"  # spread: the larger max - min
+
+
+def test_without_flags_drops_a_flag_and_its_values():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import without_flags
+    finally:
+        sys.path.remove(str(BENCH))
+    argv = ["--threads", "1", "--seeds", "0,1", "--rows", "a", "b", "--generations", "2", "--seeds=3"]
+    assert without_flags(argv, ("--rows", "--seeds")) == ["--threads", "1", "--generations", "2"]
