@@ -73,15 +73,17 @@ def test_owl_keeps_the_most_weights_in_the_block_with_the_most_outliers():
     assert _densest(levels) == [SENSITIVE], levels
 
 
-@pytest.mark.parametrize("seed_plan", ["fisher", "uniform"])
-def test_msp_search_keeps_the_most_weights_in_the_block_the_output_depends_on(seed_plan, monkeypatch):
-    """With the Fisher seed, and with a uniform seed, so that the search alone has to find the direction."""
+@pytest.mark.parametrize("seed_plan, selection", [("fisher", {}), ("uniform", {}),
+                                                   ("uniform", dict(offspring=16, selection_steps="1:6"))])
+def test_msp_search_keeps_the_most_weights_in_the_block_the_output_depends_on(seed_plan, selection, monkeypatch):
+    """With the Fisher seed, and with a uniform seed, so that the search alone has to find the direction (also
+    with multi-step selection: children screened on one fitness window)."""
     import optimum_msp.allocation.msp as msp
 
     if seed_plan == "uniform":
         monkeypatch.setattr(msp, "fisher_genome", lambda space, *args, **kwargs: space.uniform())
     config = MSPConfig(method="wanda", sparsity=0.6, allocation="msp", fitness="kl", population_size=8,
-                       generations=3, fisher_samples=4)
+                       generations=3, fisher_samples=4, **selection)
     levels, plan = _block_levels(_model(carries_the_model), config)
     assert _densest(levels) == [SENSITIVE], levels
     assert plan.search["best_fitness"] < plan.search["uniform_fitness"]
