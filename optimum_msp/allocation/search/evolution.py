@@ -208,8 +208,8 @@ class EvolutionarySearch:
         shown = [0]
 
         def on_block(done: int, total: int) -> None:
-            if progress is not None:
-                reached = len(genomes) * done // total
+            reached = len(genomes) * done // total
+            if progress is not None and reached > shown[0]:
                 progress.update(reached - shown[0])
                 shown[0] = reached
 
