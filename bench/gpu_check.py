@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import git_commit  # noqa: E402
 
 ROWS = [("wanda", "uniform", "cuda"), ("sparsegpt", "uniform", "cuda"), ("wanda", "msp", "cuda"),
-        ("sparsegpt", "msp", "cuda"), ("wanda", "uniform", "disk")]
+        ("sparsegpt", "msp", "cuda"), ("wanda", "uniform", "disk"),
+        ("sparsegpt", "msp", "disk")]  # the memory-bounded search on blocks offloaded to disk, computed on the GPU
 
 
 def run(model_name: str, method: str, allocation: str, where: str) -> dict:
