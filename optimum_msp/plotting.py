@@ -61,6 +61,8 @@ def comparison_series(plan: SparsityPlan, comparison: Optional[Mapping[str, Mapp
     return series
 
 
+#: how allocations are named in legends
+_NAMES = {"uniform": "uniform", "owl": "OWL", "fisher": "Fisher", "msp": "MSP"}
 #: how the other allocations are drawn over the plan's (coloured) bars: in black, told apart by the line
 _COMPARISON_STYLES = {"uniform": dict(linestyle="--", linewidth=1.2), "owl": dict(linestyle="-", linewidth=1.8),
                       "fisher": dict(linestyle=":", linewidth=1.8)}
@@ -100,8 +102,8 @@ def plot_plan(plan: SparsityPlan, path: Union[str, os.PathLike],
     for name, values in comparison_series(plan, comparison).items():
         style = _COMPARISON_STYLES.get(name, dict(linestyle="-.", linewidth=1.2))
         # one level per layer, spanning its bar exactly, so that it reads against the bars layer by layer
-        ax.stairs(values, [i - 0.5 for i in range(len(values) + 1)], baseline=None, color="black", label=name,
-                  **style)
+        ax.stairs(values, [i - 0.5 for i in range(len(values) + 1)], baseline=None, color="black",
+                  label=_NAMES.get(name, name), **style)
     ax.set_xlim(-0.5, len(sparsities) - 0.5)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer (decoder order)")

@@ -216,11 +216,19 @@ def render_report(folder: Union[str, os.PathLike]) -> str:
         ("calibration", ", ".join(f"{k}={v}" for k, v in calibration.items()) or "-"),
     ])
     if (folder / PLOT_FILENAME).is_file():
+        from .plotting import _NAMES, comparison_series
+
+        others = [_NAMES.get(n, n) for n in comparison_series(plan, comparison)]  # drawn beside the bars
+        panels = ["Top: each layer's sparsity (bars)" + (f", beside the {' and '.join(others)} plan"
+                                                          f"{'s' if len(others) > 1 else ''} of the same layers "
+                                                          f"(line{'s' if len(others) > 1 else ''})"
+                                                          if others else "")]
+        if plan.block_sensitivity:
+            panels.append("the decoder blocks' Fisher trace")
+        if plan.search.get("history"):
+            panels.append("the search's fitness per generation")
         lines += ["", f"![per-layer sparsity, block sensitivity and search progress]({PLOT_FILENAME})", "",
-                  "Top: each layer's sparsity (bars)"
-                  + (", with what " + " and ".join(n for n in _ordered(comparison) if n != plan.allocation)
-                     + " give the same layers (lines)" if comparison else "")
-                  + ". Middle: the decoder blocks' Fisher trace. Bottom (MSP): the search's fitness per generation."]
+                  "; then ".join(panels) + "."]
     lines += ["", "### Per decoder block", "", *_blocks(plan, comparison)]
     if plan.search:
         search = plan.search
@@ -241,10 +249,10 @@ def render_report(folder: Union[str, os.PathLike]) -> str:
         lines += ["", "## Settings", "", "`msp_config.json` (`optimum-msp prune --config` re-runs it):", ""]
         lines += _table(["setting", "value"], [(key, json.dumps(value)) for key, value in settings.items()
                                                if key != "quant_method"])
-    costs = [(key, value) for key, value in _flatten({k: v for k, v in run.items()
-                                                      if k not in ("comparison", "evaluation")})]
+    costs = _flatten({key: value for key, value in run.items() if key not in ("comparison", "evaluation")})
     if costs:
-        lines += ["", "## Run: timings and memory", "", "From `report.json` (seconds are wall time, memory in MB):", ""]
+        lines += ["", "## Run: timings and memory", "",
+                  "From `report.json` (times in seconds, wall time unless named cpu; memory in MB):", ""]
         lines += _table(["entry", "value"], [(key, _number(value)) for key, value in costs], right=[1])
     lines += ["", "## Evaluation", ""]
     results = recorded_results(folder)
