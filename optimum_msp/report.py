@@ -27,8 +27,16 @@ logger = logging.getLogger(__name__)
 REPORT_FILENAME = "report.md"
 #: the run report (timings, memory, counters; never in config.json) that ``MSPPruner.save_pretrained`` writes
 RUN_REPORT_FILENAME = "report.json"
-#: the allocations a report compares a plan with by default (``optimum-msp prune --compare-with``)
+#: the allocations a report can compare a plan with, in the order it shows them
 DEFAULT_COMPARISONS = ("uniform", "owl")
+
+
+def default_comparisons(allocation: str) -> tuple:
+    """What ``optimum-msp prune`` compares a plan with unless told: the uniform plan (free), and OWL for an ``msp``
+    plan. OWL needs the dense model's input norms: an MSP-Wanda run has just cached them (the comparison then takes
+    about a second on SmolLM2-135M), other runs pay one statistics pass over the calibration windows, small beside an
+    MSP search but as long as a uniform prune's own pass; ``--compare-with`` chooses."""
+    return ("uniform", "owl") if allocation == "msp" else ("uniform",)
 
 
 # ----------------------------------------------------------------------------------------------- comparison

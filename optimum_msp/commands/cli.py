@@ -18,7 +18,6 @@ from typing import Callable, List, Optional
 
 from transformers.utils import logging as hf_logging
 
-from ..report import DEFAULT_COMPARISONS
 
 from . import compare, evaluate, inspect, push, sensitivity
 from .arguments import add_config_arguments, config_from_args
@@ -34,12 +33,14 @@ def _prune(args: argparse.Namespace) -> int:
     from ..evaluation import perplexity
     from ..integrations.model_card import perplexity_result
     from ..pruner import MSPPruner
+    from ..report import default_comparisons
     from ..utils.io import check_output_directory
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    for name in args.compare_with:  # a typo fails now, not after the prune
+    compare_with = default_comparisons(config.allocation) if args.compare_with is None else args.compare_with
+    for name in compare_with:  # a typo fails now, not after the prune
         ALLOCATORS.entry(name)
     if args.output:
         # before any work: a refused output folder must not cost a whole prune
@@ -49,7 +50,7 @@ def _prune(args: argparse.Namespace) -> int:
             "No --output given: the pruned model is evaluated and then discarded. Pass --output DIR to keep it.")
     pruner = MSPPruner.from_pretrained(args.model, **loading_kwargs(args))
     started = time.perf_counter()
-    pruner.prune(config, compare_with=args.compare_with)
+    pruner.prune(config, compare_with=compare_with)
     result = {
         "model": args.model, "config": config.to_dict(), "prune_seconds": round(time.perf_counter() - started, 1),
         "target_sparsity": config.sparsity, "achieved_sparsity": pruner.plan.achieved_sparsity,
@@ -173,10 +174,11 @@ def add_subcommands(parser: argparse.ArgumentParser, for_optimum_cli: bool = Fal
                        help="WikiText-2 test windows to evaluate after pruning (-1: all, 0: skip)")
     prune.add_argument("--threads", type=int, default=None,
                        help="torch threads (default: torch's own choice); pin it for benchmarks")
-    prune.add_argument("--compare-with", nargs="*", default=list(DEFAULT_COMPARISONS), metavar="ALLOCATION",
-                       help="allocations drawn beside the plan in report.md and its figure (per-layer sparsity for "
-                            "the same layers; OWL costs one statistics pass over the calibration windows unless an "
-                            "MSP-Wanda run just cached it; give none to skip) (default: uniform owl)")
+    prune.add_argument("--compare-with", nargs="*", default=None, metavar="ALLOCATION",
+                       help="allocations whose per-layer sparsity for the same layers report.md and its figure show "
+                            "beside the plan, e.g. uniform owl (OWL costs one statistics pass over the calibration "
+                            "windows unless an MSP-Wanda run just cached it; give none to skip) (default: uniform, "
+                            "and owl for --allocation msp)")
     add_device_arguments(prune)
     add_config_arguments(prune)
     prune.set_defaults(func=_prune)

@@ -40,6 +40,7 @@ def work(tmp_path_factory):
     env = {"OPTIMUM_MSP_CACHE": str(root / "cache")}
     done = cli("prune", str(tiny), "--method", "wanda", "--sparsity", "0.6", "--allocation", "fisher",
                "--calibration-dataset", str(corpus), *CALIBRATION, "--eval-windows", "0", "-o", str(root / "fisher"),
+               "--compare-with", "uniform", "owl",
                env=env)
     assert done.returncode == 0, done.stderr
     pruner = MSPPruner.from_pretrained(tiny)
@@ -53,7 +54,7 @@ def test_prune_writes_report_md_with_uniform_and_owl_beside_the_plan(work):
     folder = work["fisher"]
     run = json.loads((folder / "report.json").read_text())
     plan = json.loads((folder / "config.json").read_text())["sparsity_plan"]
-    assert set(run["comparison"]) == {"uniform", "owl"}  # the CLI's default --compare-with
+    assert set(run["comparison"]) == {"uniform", "owl"}  # --compare-with
     assert set(run["comparison"]["owl"]) == set(plan["layers"])
     assert set(run["comparison"]["uniform"].values()) == {0.6}
     text = (folder / "report.md").read_text()
