@@ -28,12 +28,13 @@ from .modeling.loading import base_model_id, load_model, load_tokenizer
 from .modeling.sequential import BlockRunner
 from .plan import CONFIG_KEY, SparsityPlan
 from .pruners import build_pruner
+from .report import RUN_REPORT_FILENAME, compare_allocations, write_report
 from .utils.io import atomic_directory
 
 logger = logging.getLogger(__name__)
 
 #: the run report saved beside a checkpoint: timings, memory, counters (never in config.json)
-REPORT_NAME = "report.json"
+REPORT_NAME = RUN_REPORT_FILENAME
 
 
 class MSPPruner:
@@ -101,11 +102,14 @@ class MSPPruner:
         return data
 
     def prune(self, config: Optional[MSPConfig] = None, calibration: Optional[torch.Tensor] = None,
-              fitness_ids: Optional[torch.Tensor] = None, **config_kwargs) -> nn.Module:
+              fitness_ids: Optional[torch.Tensor] = None, compare_with: Iterable[str] = (),
+              **config_kwargs) -> nn.Module:
         """Prune the model in place and return it; the plan lands in ``model.config.sparsity_plan``.
 
         ``calibration`` ([samples, seqlen] token ids) overrides the dataset named in the config;
         ``fitness_ids`` the held-out windows of the MSP search (drawn from the calibration text otherwise).
+        ``compare_with`` (e.g. ``("uniform", "owl")``): allocations whose per-layer sparsity for the same layers is
+        recorded in ``report["comparison"]`` and drawn beside the plan (:func:`optimum_msp.report.compare_allocations`).
         What the run cost (timings, memory, counters) is in :attr:`report` afterwards.
         """
         if config is None:
@@ -135,6 +139,8 @@ class MSPPruner:
             _log_shares(context)
         result = ALLOCATORS.get(config.allocation)(context)
         allocated = time.perf_counter()
+        comparison = compare_allocations(context, config, compare_with)  # the weights are still dense here
+        compared = time.perf_counter()
         achieved = apply_targets(runner, layers, result.targets, pruner, None if data is None else data.ids,
                                  config.batch_size)
         finished = time.perf_counter()
@@ -149,12 +155,14 @@ class MSPPruner:
         self.config = config
         self.report = {
             "allocation_seconds": round(allocated - started, 2),
-            "prune_seconds": round(finished - allocated, 2),
+            "prune_seconds": round(finished - compared, 2),
             "allocation": dict(result.report),
             "peak_rss_mb": peak_rss_mb(),
         }
         if distributed.world_size() > 1:
             self.report["processes"] = distributed.world_size()
+        if comparison:
+            self.report.update(comparison=comparison, comparison_seconds=round(compared - allocated, 2))
         # the weights as stored (offloaded ones included) must hold the plan: a layer left dense is an error here,
         # never a silent result
         self.plan.verify(self.model, per_row=pruner.masks_per_row)
@@ -178,7 +186,9 @@ class MSPPruner:
         ``overwrite=True`` and it holds a checkpoint saved by optimum-msp: files the library did not write are
         never deleted. The run report (timings, memory) is written beside the weights as ``report.json``.
 
-        ``plot``: also draw the plan (``sparsity_plan.png``, linked from the card) when matplotlib is installed.
+        ``plot``: also draw the plan (``sparsity_plan.png``, linked from the card and from ``report.md``) when
+        matplotlib is installed. ``report.md`` (settings, plan, timings, results; :mod:`optimum_msp.report`) is
+        written beside the weights too.
 
         ``results``: evaluation results for the card's ``model-index`` (``huggingface_hub.EvalResult`` or
         dicts of its fields; see :func:`optimum_msp.integrations.model_card.perplexity_result`), and for
@@ -201,10 +211,11 @@ class MSPPruner:
             if self.report:
                 (Path(staging) / REPORT_NAME).write_text(json.dumps(self.report, indent=2, sort_keys=True) + "\n")
             if self.plan is not None:
-                figure = _write_plot(self.plan, Path(staging)) if plot else None
+                figure = _write_plot(self.plan, Path(staging), self.report.get("comparison")) if plot else None
                 card = build_model_card(self.plan, self.base_model, results, plot_path=figure)
                 card.save(Path(staging) / "README.md")
                 write_eval_results(staging, results)
+                write_report(staging)
         return Path(save_directory)
 
     def push_to_hub(self, repo_id: str, *, compact: Union[bool, str] = False, results: Iterable[Any] = (),
@@ -246,7 +257,8 @@ def _log_shares(context: AllocationContext) -> None:
         logger.info(line)
 
 
-def _write_plot(plan: SparsityPlan, folder: Path) -> Optional[str]:
+def _write_plot(plan: SparsityPlan, folder: Path, comparison: Optional[Dict[str, Dict[str, float]]] = None
+                ) -> Optional[str]:
     """The plan's figure in ``folder`` (its file name), or ``None``: a figure is a nicety and never fails a save."""
     from .plotting import PLOT_FILENAME, plot_available, plot_plan
 
@@ -254,7 +266,7 @@ def _write_plot(plan: SparsityPlan, folder: Path) -> Optional[str]:
         logger.info("matplotlib is not installed: saving without the allocation figure (pip install matplotlib).")
         return None
     try:
-        plot_plan(plan, folder / PLOT_FILENAME)
+        plot_plan(plan, folder / PLOT_FILENAME, comparison=comparison)
     except Exception as error:  # noqa: BLE001 - e.g. a hand-edited plan with odd search data
         logger.warning("Could not draw the sparsity plan (%s); saving without the figure.", error)
         return None

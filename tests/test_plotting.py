@@ -23,9 +23,6 @@ def test_layer_series_groups_layers_by_block():
     assert owners[0] == "model.layers.0" and owners[-1] == "model.layers.2"
     assert kinds.count("self_attn.q_proj") == 3 and kinds.count("mlp.down_proj") == 3
     assert sparsities == [layer.target.sparsity for layer in plan.layers.values()]
-    # sensitivities are keyed by block index; each sits at the centre of its block's 7 layers
-    xs, ys = plotting.block_positions(owners, {"0": 5.0, "2": 4.0, "9": 1.0})
-    assert xs == [3.0, 17.0] and ys == [5.0, 4.0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -50,7 +47,7 @@ def test_save_pretrained_links_the_figure_from_the_card(tmp_path):
 def test_a_failing_figure_never_fails_the_save(tmp_path, monkeypatch, caplog):
     pruner = _pruner()
 
-    def broken(plan, path):
+    def broken(plan, path, **kwargs):
         raise ValueError("odd search data")
 
     monkeypatch.setattr(plotting, "plot_plan", broken)
@@ -66,3 +63,26 @@ def test_fitness_is_labelled_with_what_it_is():
 
     assert "NLL" in fitness_label("ppl") and "ppl" not in fitness_label("ppl")
     assert "KL" in fitness_label("kl")
+
+
+def test_comparison_series_stands_beside_the_plan():
+    plan = SparsityPlan.from_config(_pruner().model.config)  # an OWL plan
+    layers = list(plan.layers)
+    recorded = {"owl": {name: 0.1 for name in layers}, "fisher": {name: 0.2 for name in layers},
+                "partial": {layers[0]: 0.3}}
+    series = plotting.comparison_series(plan, recorded)
+    # the plan's own allocation is its bars; a comparison missing layers says nothing; uniform = the target
+    assert list(series) == ["uniform", "fisher"]
+    assert series["uniform"] == [0.5] * len(layers) and series["fisher"] == [0.2] * len(layers)
+    recorded["uniform"] = {name: 0.4 for name in layers}  # a recorded uniform plan (e.g. mixed N:M) wins
+    assert plotting.comparison_series(plan, recorded)["uniform"] == [0.4] * len(layers)
+
+
+def test_plot_plan_draws_comparisons_and_mean_fitness(tmp_path):
+    plan = SparsityPlan.from_config(_pruner().model.config)
+    plan.search = {"history": [3.0, 2.5], "mean_history": [3.5, 3.0], "uniform_fitness": 4.0, "fitness": "ppl"}
+    plan.block_sensitivity = {"0": 10.0, "1": 100.0, "2": 50.0}
+    path = plotting.plot_plan(plan, tmp_path / "plan.png", comparison={"uniform": {n: 0.5 for n in plan.layers}})
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    traces = {name: float(i + 1) for i, name in enumerate(plan.layers)}
+    assert plotting.plot_sensitivity(traces, {"0": 1.0, "1": 2.0}, tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC

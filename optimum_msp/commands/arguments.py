@@ -20,13 +20,17 @@ def _flag(name: str) -> str:
 
 def _help(spec: FieldSpec) -> str:
     default = "-" if spec.default is None else (" ".join(spec.default) or "none") if spec.is_list else spec.default
-    return f"{spec.help} (default: {default})".replace("%", "%%")  # argparse formats help with %
+    text = spec.help if "(default" in spec.help else f"{spec.help} (default: {default})"  # some say it themselves
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
 def _group_title(owner: type) -> str:
     if owner is RunOptions:
         return "what to prune, how much, on which data"
-    return f"{owner.__name__} ({(owner.__doc__ or '').strip().splitlines()[0] if owner.__doc__ else 'options'})"
+    doc = (owner.__doc__ or "").strip()
+    if not doc or doc.startswith(owner.__name__ + "("):  # no docstring: dataclasses put the signature there
+        return owner.__name__
+    return f"{owner.__name__} ({doc.splitlines()[0]})"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, exclude: Iterable[str] = (),

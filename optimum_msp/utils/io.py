@@ -31,7 +31,7 @@ from filelock import FileLock
 
 from .paths import cache_dir
 
-__all__ = ["OutputExistsError", "atomic_directory", "check_output_directory"]
+__all__ = ["OutputExistsError", "atomic_directory", "check_output_directory", "write_text_atomically"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,21 @@ def atomic_directory(target: PathLike, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_text_atomically(path: PathLike, text: str) -> Path:
+    """Replace the file ``path`` with ``text`` whole: written beside it under a temporary name, then renamed, so
+    that a reader sees the old file or the new one, never a part (a report or model card rewritten in place)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:  # permissions follow the umask, as for any new file
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------- checks

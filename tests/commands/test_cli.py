@@ -1,10 +1,12 @@
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from optimum_msp import SparsityPlan
+from optimum_msp import MSPConfig, MSPPruner, SparsityPlan
 from optimum_msp.commands.cli import main
 from tiny_models import tiny_model
 
@@ -53,13 +55,34 @@ def test_bad_input_exits_with_a_message(tmp_path, capsys):
     assert "0 <= N <= M" in capsys.readouterr().err
 
 
-def test_optimum_cli_registers_msp():
-    result = subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "msp", "--help"],
-                            capture_output=True, text=True)
-    if result.returncode != 0:  # optimum's module entry point differs: fall back to the console script
-        result = subprocess.run(["optimum-cli", "msp", "--help"], capture_output=True, text=True)
+def optimum_cli(*args, cwd=None):
+    """``optimum-cli ARGS`` in a subprocess, with Optimum's register namespace cut to this checkout's own folder: a
+    development checkout on PYTHONPATH beside an installed copy would otherwise register ``msp`` twice."""
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys; from pathlib import Path; import optimum.commands.register as register; "
+            f"mine = [p for p in register.__path__ if Path(p).resolve().is_relative_to({str(root)!r})]; "
+            "register.__path__._path[:] = mine or list(register.__path__); "
+            "from optimum.commands import optimum_cli; sys.argv = ['optimum-cli', *sys.argv[1:]]; optimum_cli.main()")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=environment,
+                          cwd=cwd)
+
+
+def test_optimum_cli_registers_msp_and_runs_its_verbs(tmp_path):
+    result = optimum_cli("msp", "--help")
     assert result.returncode == 0, result.stderr
-    assert "prune" in result.stdout and "perplexity" in result.stdout
+    for verb in ("prune", "eval", "sensitivity", "inspect", "compare", "push", "estimate", "perplexity"):
+        assert verb in result.stdout, verb
+    # a verb runs (optimum-cli calls .run() on what args.func returns) and exits with its status, errors on one line
+    pruner = MSPPruner(tiny_model("llama"))
+    pruner.prune(MSPConfig(method="magnitude", sparsity=0.5))
+    pruner.save_pretrained(tmp_path / "a", plot=False)
+    result = optimum_cli("msp", "compare", str(tmp_path / "a"), str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    assert "the plans give all 21 layers the same targets" in result.stdout
+    result = optimum_cli("msp", "compare", str(tmp_path / "a"))
+    assert result.returncode == 2 and "needs at least two folders" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_config_file_and_flags_build_the_config(tmp_path):
@@ -149,3 +172,19 @@ def test_help_shows_every_config_field_with_its_default(capsys):
     for name in config_fields():
         assert "--" + name.replace("_", "-") in text, name
     assert "(default: 0.01)" in text  # SparseGPT's dampening, declared with its method
+
+
+def test_prune_compares_with_uniform_and_with_owl_for_msp_unless_told(tmp_path, monkeypatch, capsys):
+    import optimum_msp.pruner as pruner_module
+
+    asked = []
+    monkeypatch.setattr(pruner_module.MSPPruner, "prune",
+                        lambda self, config, compare_with=(): asked.append(tuple(compare_with)))
+    monkeypatch.setattr(pruner_module.MSPPruner, "from_pretrained", classmethod(lambda cls, *a, **k: cls(None)))
+    for flags in (["--allocation", "msp"], ["--allocation", "fisher"], ["--allocation", "fisher", "--compare-with",
+                  "owl"], ["--allocation", "msp", "--compare-with"]):
+        main(["prune", "--eval-windows", "0", *flags])
+    assert asked == [("uniform", "owl"), ("uniform",), ("owl",), ()]
+    # a typo is refused before any model is loaded
+    assert main(["prune", "--compare-with", "owls"]) == 2
+    assert "Unknown allocation 'owls'" in capsys.readouterr().err and len(asked) == 4
