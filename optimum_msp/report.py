@@ -31,12 +31,12 @@ RUN_REPORT_FILENAME = "report.json"
 DEFAULT_COMPARISONS = ("uniform", "owl")
 
 
-def default_comparisons(allocation: str) -> tuple:
-    """What ``optimum-msp prune`` compares a plan with unless told: the uniform plan (free), and OWL for an ``msp``
-    plan. OWL needs the dense model's input norms: an MSP-Wanda run has just cached them (the comparison then takes
-    about a second on SmolLM2-135M), other runs pay one statistics pass over the calibration windows, small beside an
-    MSP search but as long as a uniform prune's own pass; ``--compare-with`` chooses."""
-    return ("uniform", "owl") if allocation == "msp" else ("uniform",)
+def default_comparisons(allocation: str, method: str = "wanda") -> tuple:
+    """What ``optimum-msp prune`` compares a plan with unless told: the uniform plan (free), and OWL for an MSP-Wanda
+    plan. OWL needs the dense model's input norms, which an MSP-Wanda run has just cached (the comparison then takes
+    about a second on SmolLM2-135M); any other run would pay one more statistics pass over the calibration windows
+    (443 CPU s on SmolLM2-135M, as long as a uniform prune's own pass), so it is left to ``--compare-with owl``."""
+    return ("uniform", "owl") if allocation == "msp" and method == "wanda" else ("uniform",)
 
 
 # ----------------------------------------------------------------------------------------------- comparison

@@ -40,7 +40,7 @@ def _prune(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    compare_with = default_comparisons(config.allocation) if args.compare_with is None else args.compare_with
+    compare_with = default_comparisons(config.allocation, config.method) if args.compare_with is None else args.compare_with
     for name in compare_with:  # a typo fails now, not after the prune
         ALLOCATORS.entry(name)
     if args.output:
@@ -181,7 +181,7 @@ def add_subcommands(parser: argparse.ArgumentParser, for_optimum_cli: bool = Fal
                        help="allocations whose per-layer sparsity for the same layers report.md and its figure show "
                             "beside the plan, e.g. uniform owl (OWL costs one statistics pass over the calibration "
                             "windows unless an MSP-Wanda run just cached it; give none to skip) (default: uniform, "
-                            "and owl for --allocation msp)")
+                            "and owl for --method wanda --allocation msp)")
     add_device_arguments(prune)
     add_config_arguments(prune)
     prune.set_defaults(func=_prune)

@@ -174,17 +174,19 @@ def test_help_shows_every_config_field_with_its_default(capsys):
     assert "(default: 0.01)" in text  # SparseGPT's dampening, declared with its method
 
 
-def test_prune_compares_with_uniform_and_with_owl_for_msp_unless_told(tmp_path, monkeypatch, capsys):
+def test_prune_compares_with_uniform_and_with_owl_for_msp_wanda_unless_told(tmp_path, monkeypatch, capsys):
     import optimum_msp.pruner as pruner_module
 
     asked = []
     monkeypatch.setattr(pruner_module.MSPPruner, "prune",
                         lambda self, config, compare_with=(): asked.append(tuple(compare_with)))
     monkeypatch.setattr(pruner_module.MSPPruner, "from_pretrained", classmethod(lambda cls, *a, **k: cls(None)))
-    for flags in (["--allocation", "msp"], ["--allocation", "fisher"], ["--allocation", "fisher", "--compare-with",
-                  "owl"], ["--allocation", "msp", "--compare-with"]):
-        main(["prune", "--eval-windows", "0", *flags])
-    assert asked == [("uniform", "owl"), ("uniform",), ("owl",), ()]
+    # OWL by default only where it is free: after an MSP-Wanda search, which cached the dense input norms
+    for flags in (["--allocation", "msp"], ["--allocation", "msp", "--method", "sparsegpt"],
+                  ["--allocation", "fisher"], ["--allocation", "fisher", "--compare-with", "owl"],
+                  ["--allocation", "msp", "--compare-with"]):
+        main(["prune", "--eval-windows", "0", "--method", "wanda", *flags])
+    assert asked == [("uniform", "owl"), ("uniform",), ("uniform",), ("owl",), ()]
     # a typo is refused before any model is loaded
     assert main(["prune", "--compare-with", "owls"]) == 2
-    assert "Unknown allocation 'owls'" in capsys.readouterr().err and len(asked) == 4
+    assert "Unknown allocation 'owls'" in capsys.readouterr().err and len(asked) == 5
