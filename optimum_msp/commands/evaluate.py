@@ -91,6 +91,9 @@ def _check_args(args: argparse.Namespace) -> None:
                          f"{args.seqlen}.")
     if args.output is not None and Path(args.output).is_dir():
         raise ValueError(f"--output {args.output} is a folder; give a file name such as results.json.")
+    if args.update_card and args.limit is not None:
+        raise ValueError("--update-card records whole-split results only (a model card never holds a partial "
+                         "number): drop --limit, or keep the partial results with --output.")
     if args.update_card and not (Path(args.model).is_dir() and is_pruned_checkpoint(Path(args.model))):
         raise ValueError(f"--update-card needs a folder saved by optimum-msp; {args.model} is not one (drop "
                          "--update-card, or evaluate the pruned folder).")
@@ -165,9 +168,7 @@ def _builtin(model, tokenizer, perplexity_tasks: List[str], zeroshot_tasks: List
         rows.append((task, "perplexity", f"{report['perplexity']:.4f}", "", f"{report['windows']} windows"))
         card = perplexity_result(report["perplexity"], dataset=task, split=split, seqlen=args.seqlen,
                                  bos=report["bos"])
-        if args.limit is not None:  # a partial number says so in its name, never passes for the whole split
-            card.metric_name = card.metric_name[:-1] + f", first {report['windows']} windows)"
-        card_results.append(card)
+        card_results.append(card)  # only used with --update-card, which refuses --limit: whole splits only
     if zeroshot_tasks:
         scored = evaluate_tasks(model, tokenizer, tasks=zeroshot_tasks, limit=args.limit,
                                 batch_size=args.batch_size or 32)

@@ -64,26 +64,38 @@ def test_prune_writes_report_md_with_uniform_and_owl_beside_the_plan(work):
     assert "| allocation_seconds |" in text and "| peak_rss_mb |" in text
 
 
-def test_eval_prints_writes_json_and_updates_card_and_report(work, tmp_path):
-    from huggingface_hub import ModelCard
-
+def test_eval_prints_and_writes_json_and_keeps_partial_results_out_of_the_card(work, tmp_path):
     folder = tmp_path / "fisher"
     subprocess.run(["cp", "-r", str(work["fisher"]), str(folder)], check=True)
+    card_before = (folder / "README.md").read_text()
     output = tmp_path / "out" / "results.json"
     done = cli("eval", str(folder), "--tasks", "wikitext2,arc_easy", "--limit", "2", "--seqlen", "32",
-               "--output", str(output), "--update-card", env=work["env"])
+               "--output", str(output), env=work["env"])
     assert done.returncode == 0, done.stderr
     assert "wikitext2" in done.stdout and "arc_easy" in done.stdout and "acc_norm" in done.stdout
     record = json.loads(output.read_text())
+    assert record["limit"] == 2
     assert record["results"]["wikitext2"]["windows"] == 2 and record["results"]["arc_easy"]["n"] == 2
+    assert (folder / "README.md").read_text() == card_before
+    # a partial number never goes into a card: --update-card with --limit is refused before any work
+    refused = cli("eval", str(folder), "--tasks", "wikitext2", "--limit", "2", "--update-card", env=work["env"])
+    assert refused.returncode == 2 and "whole-split results only" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_update_card_adds_whole_split_results_to_the_card_and_report(work, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from optimum_msp.commands.evaluate import update_card
+    from optimum_msp.integrations.model_card import perplexity_result
+
+    folder = tmp_path / "fisher"
+    subprocess.run(["cp", "-r", str(work["fisher"]), str(folder)], check=True)
+    update_card(folder, [perplexity_result(123.25, seqlen=32, bos=False)])
+    update_card(folder, [perplexity_result(99.5, seqlen=32, bos=False)])  # the same measurement: replaced
     results = ModelCard.load(folder / "README.md").data.eval_results
-    assert {(r.dataset_type, r.metric_type) for r in results} == {
-        ("wikitext", "perplexity"), ("allenai/ai2_arc", "acc"), ("allenai/ai2_arc", "acc_norm")}
-    ppl = next(r for r in results if r.metric_type == "perplexity")
-    assert ppl.metric_value == pytest.approx(record["results"]["wikitext2"]["perplexity"])
-    assert "first 2 windows" in ppl.metric_name  # a partial number never passes for the whole split
-    report = (folder / "report.md").read_text()
-    assert f"{ppl.metric_value:.4g}" in report and "ARC-Easy" in report
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in results] == [("wikitext", "perplexity", 99.5)]
+    assert "99.5" in (folder / "report.md").read_text()
 
 
 def test_sensitivity_writes_traces_per_layer_and_block(work, tmp_path):
