@@ -172,17 +172,23 @@ def _one_line_error(capsys) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("verb", ["eval", "sensitivity", "inspect", "compare", "push"])
-def test_bad_input_exits_2_with_one_line(verb, work, capsys):
+@pytest.mark.parametrize("verb", ["prune", "eval", "sensitivity", "inspect", "compare", "push", "estimate"])
+def test_bad_input_exits_2_with_one_line(verb, work):
+    """Run as a user runs it (a subprocess): exit status 2 and one line on stderr saying what to change."""
     args, says = {
+        "prune": (["prune", str(work["tiny"]), "--sparsity", "1.5"], "sparsity"),
         "eval": (["eval", str(work["tiny"]), "--tasks", "wikitext3"], "unknown task(s) wikitext3"),
         "sensitivity": (["sensitivity", str(work["tiny"]), "-o", str(work["fisher"])], str(work["fisher"])),
         "inspect": (["inspect", str(work["tiny"])], "holds no sparsity plan"),
         "compare": (["compare", str(work["fisher"]), str(work["root"] / "missing")], "is not a folder"),
         "push": (["push", str(work["fisher"]), "no-namespace"], "REPO_ID must read org/name"),
+        "estimate": (["estimate", str(work["tiny"]), "--max-memory", "cpu=lots"], "cpu=lots"),
     }[verb]
-    assert main(args) == 2
-    assert says in _one_line_error(capsys)
+    done = cli(*args, env=work["env"])
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert says in lines[0]
 
 
 def test_eval_update_card_needs_a_pruned_folder(work, capsys):
