@@ -550,3 +550,16 @@ def test_statistics_refresh_needs_seeded_statistics():
         MSPPruner(tiny_model("llama")).prune(
             MSPConfig(method="wanda", sparsity=0.6, allocation="msp", statistics_refresh=2, fisher_samples=2),
             calibration=calibration_ids(4, 32), fitness_ids=calibration_ids(2, 16, seed=7))
+
+
+def test_a_generation_gives_freed_heap_back_after_every_block(evaluator_setup, monkeypatch):
+    """Bank entries and hidden states churn through the heap block by block; without giving freed pages back the
+    process's peak followed what glibc kept (477M SparseGPT on disk: 2734 MB against 2041 MB with it)."""
+    from optimum_msp.allocation.search import fitness
+
+    _, space, runner, bank = evaluator_setup
+    trims = []
+    monkeypatch.setattr(fitness, "trim_heap", lambda: trims.append(1))
+    evaluator = FitnessEvaluator(runner, space, bank, calibration_ids(2, 32, seed=11), kind="ppl")
+    evaluator.evaluate([space.quantize([0.5, 0.6, 0.7]), space.quantize([0.7, 0.6, 0.5])])
+    assert len(trims) == len(runner.blocks)

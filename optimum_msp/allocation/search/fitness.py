@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ...modeling.sequential import BlockInputs, BlockRunner
 from ...modeling.weights import substituted
+from ...utils.memory import trim_heap
 from ..levels import Genome, LevelSpace
 from .bank import WeightBank
 
@@ -186,6 +187,9 @@ class FitnessEvaluator:
                     self.blocks_run += 1
                     self._remember(key, outputs[key])
             previous = outputs
+            # bank entries and hidden states of one block churn through the heap; give freed pages back so the
+            # process's footprint follows what is alive (glibc keeps freed blocks of this size otherwise)
+            trim_heap()
             alive = len(previous) * sum(self._batch_bytes[:batches])
             self._working_peak_bytes = max(self._working_peak_bytes, alive)
             if on_block is not None:
