@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, TypeVar, Union
+from typing import Any, Dict, Iterator, List, Optional, TypeVar, Union
 
 import torch
 import torch.distributed as dist
