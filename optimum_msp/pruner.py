@@ -142,7 +142,7 @@ class MSPPruner:
         comparison = compare_allocations(context, config, compare_with)  # the weights are still dense here
         compared = time.perf_counter()
         achieved = apply_targets(runner, layers, result.targets, pruner, None if data is None else data.ids,
-                                 config.batch_size)
+                                 config.batch_size, feed=result.feed)
         finished = time.perf_counter()
 
         self.plan = SparsityPlan.from_allocation(

@@ -68,6 +68,11 @@ class AllocationContext:
 class AllocationResult:
     """What an allocator hands back; :meth:`SparsityPlan.from_allocation` turns it into the plan.
 
+    ``feed``: where the final prune should take each block's input statistics from, when it is not the standard
+    sequential prune with ``targets`` (``None``): ``{}`` for the dense model's, another plan for what a sequential
+    prune with that plan sees (:func:`~optimum_msp.apply.apply_targets`). The MSP search sets it to the statistics
+    its weight bank pruned with, so the model saved is the one it scored.
+
     ``search`` summarises how the plan was chosen (the MSP search: fitness of the seed, the uniform plan and
     the best plan, per-generation history) and is stored with the plan; ``report`` holds what the run cost
     (timings, memory, counters) and goes to the run report (``report.json``), never into ``config.json``.
@@ -78,6 +83,7 @@ class AllocationResult:
     block_sensitivity: Dict[str, float] = field(default_factory=dict)
     search: Dict[str, Any] = field(default_factory=dict)
     report: Dict[str, Any] = field(default_factory=dict)
+    feed: Optional[Allocation] = None
 
 
 ALLOCATORS: Registry[Any] = Registry("allocation")

@@ -45,6 +45,11 @@ class SearchOptions(FisherOptions):
         "auto", "input statistics the search's pruned weights come from: of the dense model (dense), or as a "
         "sequential prune with the Fisher seed plan gathers them (seed); auto: seed for pruners that update the "
         "weights they keep (SparseGPT), dense otherwise", choices=("auto", "dense", "seed"))
+    final_statistics: str = option(
+        "sequential", "input statistics the final prune takes after an MSP search: a sequential prune with the "
+        "searched plan (sequential), or those the search's weight bank pruned with (search: the dense model's, or "
+        "the seed plan's, see search_statistics), so the saved model is the one the search scored",
+        choices=("sequential", "search"))
     population_size: int = option(12, "MSP search: plans per generation", kind=int, low=2)
     generations: int = option(10, "MSP search: generations", kind=int, low=0)
     offspring: int = option(
@@ -256,4 +261,11 @@ def msp(context: AllocationContext) -> AllocationResult:
     logger.info("MSP search: best %s fitness %.5f (Fisher seed %s, uniform %s) after %d evaluations in %.0fs",
                 options.fitness, fitness[best], fitness.get(seed_genome), fitness.get(space.uniform()),
                 report["evaluations"], search_seconds)
-    return AllocationResult(space.targets(best), traces, blocks, search=summary, report=report)
+    feed = None
+    if options.final_statistics == "search" and pruner.needs_calibration:
+        # the statistics the bank holds: the dense model's, or those a sequential prune with the plan it was last
+        # gathered around sees (the seed, or the last statistics_refresh)
+        around = search.state.refreshes[-1] if search.state.refreshes else seed_genome
+        feed = {} if statistics == "dense" else space.targets(around)
+    summary["final_statistics"] = options.final_statistics
+    return AllocationResult(space.targets(best), traces, blocks, search=summary, report=report, feed=feed)

@@ -563,3 +563,35 @@ def test_a_generation_gives_freed_heap_back_after_every_block(evaluator_setup, m
     evaluator = FitnessEvaluator(runner, space, bank, calibration_ids(2, 32, seed=11), kind="ppl")
     evaluator.evaluate([space.quantize([0.5, 0.6, 0.7]), space.quantize([0.7, 0.6, 0.5])])
     assert len(trims) == len(runner.blocks)
+
+
+# ------------------------------------------------------------------------------------------ final statistics
+def _nll(model, ids) -> float:
+    with torch.no_grad():  # equal-length windows: the mean of per-window means is the per-token mean
+        losses = [float(model(input_ids=ids[i:i + 1], labels=ids[i:i + 1], use_cache=False).loss)
+                  for i in range(ids.shape[0])]
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("method, extra", [("wanda", {}), ("sparsegpt", {}),
+                                           ("sparsegpt", {"statistics_refresh": 1}),
+                                           ("sparsegpt", {"search_statistics": "dense"})])
+def test_final_statistics_search_saves_the_model_the_search_scored(method, extra):
+    from optimum_msp import MSPPruner
+
+    fitness_ids = calibration_ids(2, 16, seed=7)
+    scored = {}
+    for final in ("search", "sequential"):
+        pruner = MSPPruner(tiny_model("llama"))
+        pruner.prune(MSPConfig(method=method, sparsity=0.7, allocation="msp", population_size=4, generations=3,
+                               fisher_samples=2, fitness_samples=2, fitness_seqlen=16, final_statistics=final,
+                               **extra),
+                     calibration=calibration_ids(4, 32), fitness_ids=fitness_ids)
+        search = pruner.plan.search
+        scored[final] = (search["best_fitness"], _nll(pruner.model, fitness_ids), search["levels"])
+        assert search["final_statistics"] == final
+        assert pruner.plan.achieved_sparsity == pytest.approx(0.7, abs=1e-3)
+    best, final_nll, levels = scored["search"]
+    assert final_nll == pytest.approx(best, rel=1e-5)  # the saved model is the plan the search chose, as scored
+    assert scored["sequential"][2] == levels  # the same search either way
+    assert scored["sequential"][1] != pytest.approx(best, rel=1e-5)  # a sequential re-prune builds another model
