@@ -12,6 +12,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from . import checks, distributed
 from .modeling.offload import read_matrix, write_matrix
@@ -116,6 +117,25 @@ def apply_targets(
     finally:
         if pruned_block is not None:
             pruned_block.restore()
+    return achieved
+
+
+@torch.no_grad()
+def prune_with_statistics(
+    runner: BlockRunner, layers: List[Dict[str, nn.Module]], targets: Mapping[str, LayerTarget], pruner: Pruner,
+    stats: Mapping[str, object],
+) -> Dict[str, float]:
+    """Prune every layer named in ``targets`` with input statistics gathered before (e.g. the MSP search's, a
+    :class:`~optimum_msp.allocation.statistics.StatisticsStore` read one block at a time): no forward pass.
+    Return achieved sparsity per layer."""
+    achieved: Dict[str, float] = {}
+    progress = hf_logging.tqdm(layers, desc=f"Pruning ({pruner.name}, given statistics)",
+                               disable=not hf_logging.is_progress_bar_enabled())
+    for block_layers in progress:
+        for name, module in block_layers.items():
+            if name in targets:
+                achieved[name] = prune_layer(module, pruner, stats[name] if pruner.needs_calibration else None,
+                                             targets[name], runner.device, name)
     return achieved
 
 

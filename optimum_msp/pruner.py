@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .allocation import ALLOCATORS, AllocationContext
-from .apply import apply_targets
+from .apply import apply_targets, prune_with_statistics
 from .checks import check_model
 from .checkpoint import save_pruned
 from .checkpoint.marker import is_pruned_checkpoint, mark_pruned
@@ -141,8 +141,14 @@ class MSPPruner:
         allocated = time.perf_counter()
         comparison = compare_allocations(context, config, compare_with)  # the weights are still dense here
         compared = time.perf_counter()
-        achieved = apply_targets(runner, layers, result.targets, pruner, None if data is None else data.ids,
-                                 config.batch_size, feed=result.feed)
+        if result.statistics is not None:  # those the search scored its plans with: the model it chose, as scored
+            try:
+                achieved = prune_with_statistics(runner, layers, result.targets, pruner, result.statistics)
+            finally:
+                getattr(result.statistics, "close", lambda: None)()
+        else:
+            achieved = apply_targets(runner, layers, result.targets, pruner, None if data is None else data.ids,
+                                     config.batch_size)
         finished = time.perf_counter()
 
         self.plan = SparsityPlan.from_allocation(

@@ -68,10 +68,10 @@ class AllocationContext:
 class AllocationResult:
     """What an allocator hands back; :meth:`SparsityPlan.from_allocation` turns it into the plan.
 
-    ``feed``: where the final prune should take each block's input statistics from, when it is not the standard
-    sequential prune with ``targets`` (``None``): ``{}`` for the dense model's, another plan for what a sequential
-    prune with that plan sees (:func:`~optimum_msp.apply.apply_targets`). The MSP search sets it to the statistics
-    its weight bank pruned with, so the model saved is the one it scored.
+    ``statistics``: input statistics the final prune should use instead of gathering its own in a sequential prune
+    with ``targets`` (``None``, the standard). The MSP search with ``final_statistics="search"`` hands over those its
+    weight bank pruned with, so the model saved is the one it scored, and the final prune needs no forward pass.
+    Whoever uses them closes them (:class:`~optimum_msp.allocation.statistics.StatisticsStore`).
 
     ``search`` summarises how the plan was chosen (the MSP search: fitness of the seed, the uniform plan and
     the best plan, per-generation history) and is stored with the plan; ``report`` holds what the run cost
@@ -83,7 +83,7 @@ class AllocationResult:
     block_sensitivity: Dict[str, float] = field(default_factory=dict)
     search: Dict[str, Any] = field(default_factory=dict)
     report: Dict[str, Any] = field(default_factory=dict)
-    feed: Optional[Allocation] = None
+    statistics: Optional[Any] = None
 
 
 ALLOCATORS: Registry[Any] = Registry("allocation")

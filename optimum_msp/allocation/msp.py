@@ -185,13 +185,16 @@ def msp(context: AllocationContext) -> AllocationResult:
                          "statistics_refresh=0.")
     fitness_ids = context.calibration.held_out(options.fitness_samples, options.fitness_seqlen, context.seed + 1)
     settings = search_settings(context, space, statistics, fitness_ids) if options.search_checkpoint else None
+    handing_over = options.final_statistics == "search" and pruner.needs_calibration
     with work_folder(options.search_work_dir) as work:
+        # statistics handed to the final prune must outlive the work folder: beside it, removed once closed
+        stats_dir = str(work.parent if handing_over else work)
         stats: Mapping = {}
         if pruner.needs_calibration and statistics == "seed":
             # inputs of every block as the final prune will see them, near the seed plan: from pruned blocks
-            stats = seeded_layer_statistics(context, space.targets(seed_genome), work_dir=str(work))
+            stats = seeded_layer_statistics(context, space.targets(seed_genome), work_dir=stats_dir)
         elif pruner.needs_calibration:
-            stats = dense_layer_statistics(context, pruner.new_statistics, work_dir=str(work))
+            stats = dense_layer_statistics(context, pruner.new_statistics, work_dir=stats_dir)
         statistics_done = time.perf_counter()
         bank = WeightBank(pruner, context.modules, stats, device=context.runner.device,
                           memory_bytes=options.search_bank_mb << 20, folder=work / "bank")
@@ -204,7 +207,7 @@ def msp(context: AllocationContext) -> AllocationResult:
             started = time.perf_counter()
             if isinstance(bank.stats, StatisticsStore):
                 bank.stats.close()
-            bank.reset(seeded_layer_statistics(context, space.targets(genome), work_dir=str(work)))
+            bank.reset(seeded_layer_statistics(context, space.targets(genome), work_dir=stats_dir))
             evaluator.reset()
             refresh_seconds[0] += time.perf_counter() - started
 
@@ -223,7 +226,9 @@ def msp(context: AllocationContext) -> AllocationResult:
         memory = {name: round(size / 2**20, 1) for name, size in {**bank.nbytes(), **evaluator.nbytes()}.items()}
         if isinstance(bank.stats, StatisticsStore):
             memory["statistics_on_disk"] = round(bank.stats.nbytes_on_disk() / 2**20, 1)
-            bank.stats.close()
+            if not handing_over:
+                bank.stats.close()
+        final_statistics = bank.stats if handing_over else None
     fitness = search.state.fitness
     summary = {
         "fitness": options.fitness,
@@ -261,11 +266,6 @@ def msp(context: AllocationContext) -> AllocationResult:
     logger.info("MSP search: best %s fitness %.5f (Fisher seed %s, uniform %s) after %d evaluations in %.0fs",
                 options.fitness, fitness[best], fitness.get(seed_genome), fitness.get(space.uniform()),
                 report["evaluations"], search_seconds)
-    feed = None
-    if options.final_statistics == "search" and pruner.needs_calibration:
-        # the statistics the bank holds: the dense model's, or those a sequential prune with the plan it was last
-        # gathered around sees (the seed, or the last statistics_refresh)
-        around = search.state.refreshes[-1] if search.state.refreshes else seed_genome
-        feed = {} if statistics == "dense" else space.targets(around)
     summary["final_statistics"] = options.final_statistics
-    return AllocationResult(space.targets(best), traces, blocks, search=summary, report=report, feed=feed)
+    return AllocationResult(space.targets(best), traces, blocks, search=summary, report=report,
+                            statistics=final_statistics)
