@@ -27,8 +27,10 @@ from .pruners.base import Pruner
 logger = logging.getLogger(__name__)
 
 #: Under several processes, whether they split each block's layers (each prunes its share, then the pruned weights
-#: are broadcast) rather than every process pruning every layer. ``bench/distributed.py --no-split`` measures the
-#: other way.
+#: are broadcast: :func:`prune_block`) rather than every process pruning every layer. The default: the split takes
+#: each process's share of the per-layer work off it for one broadcast of the weights, while pruning everything on
+#: every process repeats it all (and on rank 0 alone, then broadcasting, costs that and the broadcast).
+#: ``bench/distributed.py --no-split`` measures the other way.
 SPLIT_LAYERS = True
 
 Job = Tuple[nn.Module, object, LayerTarget]  # a layer to prune: the module, its input statistics, its target

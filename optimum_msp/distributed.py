@@ -5,8 +5,10 @@
 Every process loads the model and the same calibration windows, then computes on its **share** of them (contiguous,
 balanced slices: :func:`shard`); what it measured is summed over processes (:func:`all_reduce_`,
 :func:`reduce_values`, :func:`reduce_statistics`), so every process holds the same Fisher traces and input
-statistics as a one-process run, up to floating-point summation order, and prunes and searches identically. Only
-the main process writes (checkpoint, report, caches, search checkpoint).
+statistics as a one-process run, up to floating-point summation order, and prunes and searches identically. The
+per-layer work is split too: the MSP search's candidates (:func:`split_work`, :func:`gather_values`) and each block's
+layers in the final prune (:func:`assign`, then :func:`broadcast` of the pruned weights: see
+:func:`optimum_msp.apply.prune_block`). Only the main process writes (checkpoint, report, caches, search checkpoint).
 
 One process (no launcher: ``WORLD_SIZE`` unset or 1, no process group) is the plain case: no process group is made,
 :func:`shard` returns its argument and every reduction returns at once.
