@@ -55,13 +55,15 @@ def run_case(case: str, out: Path, **options) -> dict:
     }
 
 
-#: the final prune's ways of running (``apply_targets``): sequential, fed by another plan, a statistics pass
-SPLIT_MODES = ("sequential", "feed", "restore")
+#: the final prune's ways of running (``apply_targets``): sequential, fed by another plan, a statistics pass, and
+#: sequential on a model offloaded to host memory (the pruned weights written to accelerate's weights map)
+SPLIT_MODES = ("sequential", "feed", "restore", "offloaded")
 #: the layer whose prune fails in :func:`failing_prune` (SparseGPT: its process prunes only part of the block)
 FAILING = "model.layers.1.self_attn.q_proj"
 
 
-def _split_setup():
+def _split_setup(offloaded: bool = False):
+    import accelerate
     from tiny_models import tiny_model
 
     from optimum_msp.modeling.blocks import select_linears
@@ -69,6 +71,8 @@ def _split_setup():
     from optimum_msp.plan import LayerTarget
 
     model = tiny_model("llama")
+    if offloaded:
+        model = accelerate.cpu_offload(model, execution_device="cpu")
     runner = BlockRunner(model)
     layers = [select_linears(block, f"{runner.block_prefix}.{i}") for i, block in enumerate(runner.blocks)]
     names = [name for block in layers for name in block]
@@ -89,7 +93,7 @@ def split_prunes() -> dict:
     original = apply.prune_layer
     for method in ("wanda", "sparsegpt"):
         for mode in SPLIT_MODES:
-            runner, layers, targets = _split_setup()
+            runner, layers, targets = _split_setup(offloaded=mode == "offloaded")
             pruned, seen = [], {}
 
             def counting(module, pruner, stats, target, device=None, name=""):

@@ -285,6 +285,10 @@ def test_the_split_prune_gives_every_process_the_one_process_weights(runs, metho
     for name, states in expected["statistics"].items():
         for got, want in zip(first["statistics"][name], states):
             assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name
+    if mode == "offloaded":
+        from optimum_msp.modeling.offload import is_offloaded
+
+        assert all(is_offloaded(module) for block in worker._split_setup(offloaded=True)[1] for module in block.values())
     if mode == "restore":
         dense = worker._split_setup()[1]
         for block in dense:
