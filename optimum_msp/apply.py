@@ -3,6 +3,10 @@
 Cost: one capture pass to the first block, then per block one pass that gathers input statistics and one
 pass of the pruned block that produces the next block's inputs: 2 forward passes over the calibration
 set in total (data-free pruners skip both).
+
+Under several processes (:mod:`optimum_msp.distributed`) every process holds a block's summed statistics, and
+:func:`prune_block` splits the block's layers between them: each prunes its share, then every pruned weight is
+broadcast from the process that pruned it, so all hold the same block before its outputs feed the next one.
 """
 
 from __future__ import annotations
@@ -15,13 +19,22 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from . import checks, distributed
-from .modeling.offload import read_matrix, write_matrix
+from .modeling.offload import matrix_shape, read_matrix, write_matrix
 from .modeling.sequential import BlockRunner, forward_with_statistics
 from .modeling.weights import WeightSnapshot
 from .plan import LayerTarget
 from .pruners.base import Pruner
 
 logger = logging.getLogger(__name__)
+
+#: Under several processes, whether they split each block's layers (each prunes its share, then the pruned weights
+#: are broadcast: :func:`prune_block`) rather than every process pruning every layer. The default: the split takes
+#: each process's share of the per-layer work off it for one broadcast of the weights, while pruning everything on
+#: every process repeats it all (and on rank 0 alone, then broadcasting, costs that and the broadcast).
+#: ``bench/distributed.py --no-split`` measures the other way.
+SPLIT_LAYERS = True
+
+Job = Tuple[nn.Module, object, LayerTarget]  # a layer to prune: the module, its input statistics, its target
 
 
 @torch.no_grad()
@@ -33,7 +46,70 @@ def prune_layer(module: nn.Module, pruner: Pruner, stats, target: LayerTarget,
     weight = read_matrix(module)
     pruned = checks.checked_prune(name, weight.to(device or weight.device), pruner, stats, target).to(weight.dtype)
     write_matrix(module, pruned)
-    return float((pruned == 0).sum()) / pruned.numel()
+    return _sparsity(pruned)
+
+
+def _sparsity(weight: torch.Tensor) -> float:
+    return float((weight == 0).sum()) / weight.numel()
+
+
+def _work(jobs: Dict[str, Job], pruner: Pruner) -> Tuple[List[List[str]], List[float]]:
+    """The units a block's layers are split in, and the estimated work of each. A pruner that updates the kept
+    weights (SparseGPT) factors each distinct input's statistics once (``in³``, shared by q/k/v or gate/up, which
+    therefore stay together) and updates each layer's columns one after another (``out·in²``); a masking pruner
+    (Wanda) scores and sorts each layer alone (``out·in``)."""
+    units: Dict[int, List[str]] = {}
+    for name, (module, stats, _target) in jobs.items():
+        shared = pruner.updates_weights and stats is not None
+        units.setdefault(id(stats) if shared else id(module), []).append(name)
+    costs = []
+    for names in units.values():
+        shapes = [matrix_shape(jobs[name][0]) for name in names]
+        if pruner.updates_weights:
+            costs.append(float(shapes[0][1]) ** 3 + sum(float(rows) * cols * cols for rows, cols in shapes))
+        else:
+            costs.append(sum(float(rows) * cols for rows, cols in shapes))
+    return list(units.values()), costs
+
+
+@torch.no_grad()
+def prune_block(jobs: Dict[str, Job], pruner: Pruner, device: Optional[torch.device] = None) -> Dict[str, float]:
+    """Prune the layers of ``jobs`` (name -> module, statistics, target: one block's) with :func:`prune_layer`;
+    return the achieved sparsity of every one of them.
+
+    Under several processes (and :data:`SPLIT_LAYERS`), each prunes only its share: the layers are assigned by
+    estimated work (:func:`_work`, :func:`~optimum_msp.distributed.assign`), the same on every process; then each
+    pruned weight is broadcast from its owner and written by the others, bit for bit, so every process ends with
+    the same weights (and the same returned sparsities) as if it had pruned them all. Every process must call it
+    with the same layers. One process: every layer pruned here, in order, no collective call.
+    """
+    if distributed.world_size() == 1 or not SPLIT_LAYERS:
+        return {name: prune_layer(module, pruner, stats, target, device, name)
+                for name, (module, stats, target) in jobs.items()}
+    units, costs = _work(jobs, pruner)
+    owner = {name: process for names, process in zip(units, distributed.assign(costs)) for name in names}
+    here = distributed.rank()
+    achieved: Dict[str, float] = {}
+    error: Optional[BaseException] = None
+    for name, (module, stats, target) in jobs.items():
+        if owner[name] == here:
+            try:
+                achieved[name] = prune_layer(module, pruner, stats, target, device, name)
+            except Exception as caught:  # noqa: BLE001 - raised below, once every process knows
+                error = caught
+                break
+    # a process that failed must not leave the others waiting for its weights forever
+    if not distributed.all_true(error is None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"Another process failed to prune its share of the layers {list(jobs)}; its error is in "
+                           "its own output.")
+    for name, (module, _stats, _target) in jobs.items():  # one order on every process
+        weight = distributed.broadcast(read_matrix(module), owner[name])
+        if owner[name] != here:
+            write_matrix(module, weight)
+            achieved[name] = _sparsity(weight)
+    return {name: achieved[name] for name in jobs}
 
 
 @torch.no_grad()
@@ -65,10 +141,11 @@ def apply_targets(
     if not pruner.needs_calibration:
         if restore:
             raise ValueError("restore=True is for statistics passes, which need a pruner that uses calibration data.")
-        for block_layers in layers:
+        # every process prunes every layer: without statistics to wait for, a mask costs about what sending it would
+        for index, block_layers in enumerate(layers):
             for name, module in block_layers.items():
                 if name in targets:
-                    achieved[name] = prune_layer(module, pruner, None, targets[name], runner.device, name)
+                    achieved[name] = prune_layer(module, pruner, None, targets[name], runner.block_device(index), name)
         return achieved
     if calibration is None:
         raise ValueError(f"The {pruner.name!r} pruner needs calibration data.")
@@ -77,15 +154,16 @@ def apply_targets(
                          "names other targets for that, so pass one or the other.")
     inputs = runner.capture(distributed.shard(calibration), batch_size)
     pruned_block: Optional[WeightSnapshot] = None  # the block to put back once its outputs are the next inputs
-    pending: Dict[str, Tuple[nn.Module, object]] = {}  # layers to prune to ``targets`` once their block has fed on
+    pending: Dict[str, Job] = {}  # layers to prune to ``targets`` once their block has fed on
+    pending_device: Optional[torch.device] = None
 
     def settle() -> None:  # the block before fed the next one: put it back, prune it to its own targets
         nonlocal pruned_block
         if pruned_block is not None:
             pruned_block.restore()
             pruned_block = None
-        for name, (module, stats) in pending.items():
-            achieved[name] = prune_layer(module, pruner, stats, targets[name], runner.device, name)
+        if pending:
+            achieved.update(prune_block(pending, pruner, pending_device))
         pending.clear()
 
     try:
@@ -98,6 +176,7 @@ def apply_targets(
             if on_statistics is not None:
                 on_statistics(stats)
             last = index == len(runner.blocks) - 1  # its outputs feed nothing
+            device = runner.block_device(index)
             if restore:
                 if last:
                     continue  # pruning it would be undone unseen
@@ -105,12 +184,12 @@ def apply_targets(
             elif feed is not None and not last:
                 fed = {name: module for name, module in chosen.items() if name in feed}
                 pruned_block = WeightSnapshot(fed) if fed else None
-                for name, module in fed.items():
-                    prune_layer(module, pruner, stats[name], feed[name], runner.device, name)
-                pending.update({name: (module, stats[name]) for name, module in chosen.items()})
+                prune_block({name: (module, stats[name], feed[name]) for name, module in fed.items()}, pruner, device)
+                pending.update({name: (module, stats[name], targets[name]) for name, module in chosen.items()})
+                pending_device = device
                 continue
-            for name, module in chosen.items():
-                achieved[name] = prune_layer(module, pruner, stats[name], targets[name], runner.device, name)
+            achieved.update(prune_block({name: (module, stats[name], targets[name]) for name, module in chosen.items()},
+                                        pruner, device))
             del stats
         if not restore:
             settle()

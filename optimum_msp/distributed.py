@@ -5,8 +5,10 @@
 Every process loads the model and the same calibration windows, then computes on its **share** of them (contiguous,
 balanced slices: :func:`shard`); what it measured is summed over processes (:func:`all_reduce_`,
 :func:`reduce_values`, :func:`reduce_statistics`), so every process holds the same Fisher traces and input
-statistics as a one-process run, up to floating-point summation order, and prunes and searches identically. Only
-the main process writes (checkpoint, report, caches, search checkpoint).
+statistics as a one-process run, up to floating-point summation order, and prunes and searches identically. The
+per-layer work is split too: the MSP search's candidates (:func:`split_work`, :func:`gather_values`) and each block's
+layers in the final prune (:func:`assign`, then :func:`broadcast` of the pruned weights: see
+:func:`optimum_msp.apply.prune_block`). Only the main process writes (checkpoint, report, caches, search checkpoint).
 
 One process (no launcher: ``WORLD_SIZE`` unset or 1, no process group) is the plain case: no process group is made,
 :func:`shard` returns its argument and every reduction returns at once.
@@ -26,9 +28,9 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["all_reduce_", "all_true", "barrier", "backend", "describe_shares", "is_main_process",
-           "main_process_first", "process_device", "rank", "reduce_statistics", "reduce_values", "share", "shard",
-           "world_size"]
+__all__ = ["all_reduce_", "all_true", "assign", "barrier", "backend", "broadcast", "describe_shares",
+           "is_main_process", "main_process_first", "process_device", "rank", "reduce_statistics", "reduce_values",
+           "share", "shard", "world_size"]
 
 T = TypeVar("T")
 
@@ -164,6 +166,38 @@ def all_reduce_(tensor: torch.Tensor, op: "dist.ReduceOp" = None) -> torch.Tenso
     dist.all_reduce(staged, op=op)
     tensor.copy_(staged)
     return tensor
+
+
+def broadcast(tensor: torch.Tensor, source: int) -> torch.Tensor:
+    """Process ``source``'s ``tensor`` on every process, bit for bit (sent as bytes, whatever its dtype and the
+    backend): ``source`` gets its own ``tensor`` back, every other process passes a tensor of the same shape and dtype
+    (its values unused) and gets a new one, where that one lives. Every process must call it, in the same order.
+    One process: ``tensor``."""
+    if not _initialised():
+        return tensor
+    device = _collective_device(tensor)
+    if rank() == source:
+        staged = tensor.to(device).contiguous()
+    else:
+        staged = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+    dist.broadcast(staged.view(-1).view(torch.uint8), src=source)
+    return tensor if rank() == source else staged.to(tensor.device)
+
+
+def assign(costs: List[float], processes: Optional[int] = None) -> List[int]:
+    """The process that works on each item of ``costs`` (its estimated work): the largest first, each to the process
+    with the least work so far (ties: the lower index). It depends on the costs alone, so every process computes the
+    same assignment without a word exchanged. All 0 for one process."""
+    processes = world_size() if processes is None else processes
+    owners = [0] * len(costs)
+    if processes == 1:
+        return owners
+    loads = [0.0] * processes
+    for item in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner = min(range(processes), key=lambda p: (loads[p], p))
+        owners[item] = owner
+        loads[owner] += costs[item]
+    return owners
 
 
 def reduce_values(values: Dict[str, float]) -> Dict[str, float]:

@@ -55,6 +55,93 @@ def run_case(case: str, out: Path, **options) -> dict:
     }
 
 
+#: the final prune's ways of running (``apply_targets``): sequential, fed by another plan, a statistics pass, and
+#: sequential on a model offloaded to host memory (the pruned weights written to accelerate's weights map)
+SPLIT_MODES = ("sequential", "feed", "restore", "offloaded")
+#: the layer whose prune fails in :func:`failing_prune` (SparseGPT: its process prunes only part of the block)
+FAILING = "model.layers.1.self_attn.q_proj"
+
+
+def _split_setup(offloaded: bool = False):
+    import accelerate
+    from tiny_models import tiny_model
+
+    from optimum_msp.modeling.blocks import select_linears
+    from optimum_msp.modeling.sequential import BlockRunner
+    from optimum_msp.plan import LayerTarget
+
+    model = tiny_model("llama")
+    if offloaded:
+        model = accelerate.cpu_offload(model, execution_device="cpu")
+    runner = BlockRunner(model)
+    layers = [select_linears(block, f"{runner.block_prefix}.{i}") for i, block in enumerate(runner.blocks)]
+    names = [name for block in layers for name in block]
+    targets = {name: LayerTarget(sparsity=0.4 + 0.1 * (i % 3)) for i, name in enumerate(names)}
+    return runner, layers, targets
+
+
+def split_prunes() -> dict:
+    """``apply_targets`` alone on a tiny LLaMA for Wanda and SparseGPT in every :data:`SPLIT_MODES`: the weights after
+    it, the achieved sparsities, the statistics each block was pruned with, and the layers this process pruned
+    (its ``prune_layer`` calls: name, target)."""
+    from optimum_msp import apply
+    from optimum_msp.modeling.offload import read_matrix
+    from optimum_msp.plan import LayerTarget
+    from optimum_msp.pruners import get_pruner
+
+    results = {}
+    original = apply.prune_layer
+    for method in ("wanda", "sparsegpt"):
+        for mode in SPLIT_MODES:
+            runner, layers, targets = _split_setup(offloaded=mode == "offloaded")
+            pruned, seen = [], {}
+
+            def counting(module, pruner, stats, target, device=None, name=""):
+                pruned.append((name, target.sparsity))
+                return original(module, pruner, stats, target, device, name)
+
+            def keep(stats):
+                seen.update({name: [getattr(stat, field).clone() for field in stat.STATE]
+                             for name, stat in stats.items()})
+
+            feed = {name: LayerTarget(sparsity=0.7) for name in targets} if mode == "feed" else None
+            apply.prune_layer = counting
+            try:
+                achieved = apply.apply_targets(runner, layers, targets, get_pruner(method), calibration_windows(),
+                                               on_statistics=keep, restore=mode == "restore", feed=feed)
+            finally:
+                apply.prune_layer = original
+            results[method, mode] = {
+                "weights": {name: read_matrix(module).clone() for block in layers for name, module in block.items()},
+                "achieved": achieved, "pruned": pruned, "statistics": seen,
+            }
+    return results
+
+
+def failing_prune() -> str:
+    """The error a SparseGPT ``apply_targets`` raises here when the prune of :data:`FAILING` fails (on the process
+    that prunes it)."""
+    from optimum_msp import apply
+    from optimum_msp.pruners import get_pruner
+
+    runner, layers, targets = _split_setup()
+    original = apply.prune_layer
+
+    def failing(module, pruner, stats, target, device=None, name=""):
+        if name == FAILING:
+            raise ValueError(f"{name} cannot be pruned")
+        return original(module, pruner, stats, target, device, name)
+
+    apply.prune_layer = failing
+    try:
+        apply.apply_targets(runner, layers, targets, get_pruner("sparsegpt"), calibration_windows())
+    except (ValueError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
+    finally:
+        apply.prune_layer = original
+    return "no error"
+
+
 def run(out: Path) -> dict:
     """Every case (saved to ``out/<case>``, with a search checkpoint ``out/<case>-search.json``), the block-wise
     Fisher traces, and every batch of windows a pass ran through the model (``captured``)."""
@@ -85,6 +172,8 @@ def run(out: Path) -> dict:
     finally:
         BlockRunner.capture = original
     results["captured"] = captured
+    results["split"] = split_prunes()
+    results["failing"] = failing_prune()
     return results
 
 

@@ -84,3 +84,41 @@ def test_restore_and_feed_together_are_refused():
     _, runner, layers, targets, feed = _setup()
     with pytest.raises(ValueError, match="feed="):
         apply_targets(runner, layers, targets, get_pruner("wanda"), calibration_ids(2, 8), restore=True, feed=feed)
+
+
+@pytest.mark.parametrize("processes, costs, owners", [
+    (1, [5.0, 1.0, 1.0], [0, 0, 0]),
+    (2, [5.0, 1.0, 1.0, 1.0, 1.0, 1.0], [0, 1, 1, 1, 1, 1]),  # the big one alone: 5 against 5
+    (2, [1.0, 3.0, 2.0, 2.0], [0, 0, 1, 1]),                  # 3 + 1 against 2 + 2
+    (3, [2.0, 2.0, 2.0, 2.0], [0, 1, 2, 0]),
+])
+def test_the_work_is_assigned_largest_first_to_the_least_loaded_process(processes, costs, owners):
+    from optimum_msp import distributed
+
+    assert distributed.assign(costs, processes) == owners
+
+
+@pytest.mark.parametrize("method, units", [
+    # SparseGPT factors each distinct input once: the layers that share one stay together
+    ("sparsegpt", [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]),
+    ("wanda", [["q_proj"], ["k_proj"], ["v_proj"], ["o_proj"], ["gate_proj"], ["up_proj"], ["down_proj"]]),
+])
+def test_a_blocks_layers_are_split_in_units_of_work(method, units):
+    from optimum_msp.apply import _work
+    from optimum_msp.modeling.sequential import forward_with_statistics
+
+    _, runner, layers, targets, _ = _setup()
+    pruner = get_pruner(method)
+    inputs = runner.capture(calibration_ids(2, 16))
+    stats = forward_with_statistics(runner, 0, inputs, layers[0], pruner.new_statistics)
+    jobs = {name: (module, stats[name], targets[name]) for name, module in layers[0].items()}
+    found, costs = _work(jobs, pruner)
+    assert sorted(sorted(name.rsplit(".", 1)[1] for name in unit) for unit in found) == sorted(map(sorted, units))
+    # SparseGPT: in³ to factor the unit's Hessian, out·in² per layer (down_proj, in = 128, costs the most); Wanda:
+    # the weight's size
+    costs = {tuple(name.rsplit(".", 1)[1] for name in unit): cost for unit, cost in zip(found, costs)}
+    if method == "sparsegpt":
+        assert costs[("down_proj",)] == 128 ** 3 + 64 * 128 ** 2 == max(costs.values())
+        assert costs[("q_proj", "k_proj", "v_proj")] == 64 ** 3 + (64 + 32 + 32) * 64 ** 2
+    else:
+        assert costs[("down_proj",)] == 64 * 128 and costs[("k_proj",)] == 32 * 64

@@ -240,3 +240,67 @@ def test_a_search_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):
     result = worker.run_case(case, tmp_path, search_checkpoint=str(checkpoint))
     assert result["report"]["allocation"]["evaluations_this_run"] == 0
     assert result["targets"] == first[case]["targets"]
+
+
+# ------------------------------------------------------------------------------------------- the split final prune
+
+
+@needs_gloo
+@pytest.mark.parametrize("mode", worker.SPLIT_MODES)
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_each_process_prunes_its_share_of_every_block(runs, method, mode):
+    """The final prune's layers are split between the processes: each pruned some, none pruned a layer twice, and
+    together they pruned exactly what one process prunes alone (the same layers to the same targets)."""
+    _root, reference, ranks = runs
+    alone = Counter(reference["split"][method, mode]["pruned"])
+    here = [Counter(result["split"][method, mode]["pruned"]) for result in ranks]
+    assert all(sum(counts.values()) > 0 for counts in here)
+    assert here[0] + here[1] == alone
+    blocks = {name.split(".")[2] for name, _target in alone}
+    for block in blocks:  # within every block, not only overall
+        assert all(any(name.split(".")[2] == block for name, _t in counts) for counts in here), block
+
+
+@needs_gloo
+@pytest.mark.parametrize("mode", worker.SPLIT_MODES)
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_the_split_prune_gives_every_process_the_one_process_weights(runs, method, mode):
+    """Every pruned weight reaches every process: both hold the one-process weights (Wanda: identical; SparseGPT:
+    within the tolerance of the summed Hessians, see above) and the same achieved sparsity of every layer. A
+    statistics pass (``restore``) leaves the model dense on every process, and the statistics of the blocks after the
+    first (fed by the pruned blocks, so by weights another process pruned) are the one-process ones."""
+    _root, reference, ranks = runs
+    expected = reference["split"][method, mode]
+    first, second = (result["split"][method, mode] for result in ranks)
+    assert first["achieved"] == second["achieved"] and first["achieved"].keys() == expected["achieved"].keys()
+    for name, value in expected["achieved"].items():
+        assert first["achieved"][name] == pytest.approx(value, abs=1e-12 if method == "wanda" else 2e-3), name
+    for name, weight in expected["weights"].items():
+        assert torch.equal(first["weights"][name], second["weights"][name]), name
+        if method == "wanda":
+            assert torch.equal(first["weights"][name], weight), name
+        else:
+            assert torch.equal(first["weights"][name] == 0, weight == 0), name
+            assert (first["weights"][name] - weight).abs().max() <= 2e-4 * weight.abs().max(), name
+    for name, states in expected["statistics"].items():
+        for got, want in zip(first["statistics"][name], states):
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name
+    if mode == "offloaded":
+        from optimum_msp.modeling.offload import is_offloaded
+
+        assert all(is_offloaded(module) for block in worker._split_setup(offloaded=True)[1] for module in block.values())
+    if mode == "restore":
+        dense = worker._split_setup()[1]
+        for block in dense:
+            for name, module in block.items():
+                assert torch.equal(first["weights"][name], module.weight), name
+
+
+@needs_gloo
+def test_a_failed_layer_fails_every_process_instead_of_leaving_them_waiting(runs):
+    _root, reference, ranks = runs
+    assert reference["failing"] == f"ValueError: {worker.FAILING} cannot be pruned"
+    errors = sorted(result["failing"] for result in ranks)
+    assert errors[0].startswith("RuntimeError: Another process failed to prune its share of the layers")
+    assert worker.FAILING in errors[0]  # the block's layers are named
+    assert errors[1] == reference["failing"]

@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from .. import distributed
 from ..checks import check_finite_values
-from ..modeling.offload import is_offloaded, onloaded
+from ..modeling.offload import is_offloaded
 from ..modeling.sequential import BlockRunner, block_output, input_device
 from ..options import option
 from .base import ALLOCATORS, AllocationContext, AllocationResult, Budget
@@ -155,7 +155,7 @@ def _blockwise_traces(runner: BlockRunner, layers: Dict[str, nn.Module], ids: to
         with torch.enable_grad():
             loss = runner.head(final, sequence, labels=sequence).loss
             (grad,) = torch.autograd.grad(loss, final)
-        grad = grad.to(runner.device)
+        grad = grad.to(runner.block_device(len(runner.blocks) - 1))
         for index in reversed(range(len(runner.blocks))):
             chosen = {name: layers[name] for name, block in owner.items() if block == index}
             grad = _block_backward(runner, index, inputs, hidden[index], grad, chosen, traces)
@@ -174,11 +174,11 @@ def _block_backward(runner: BlockRunner, index: int, inputs, block_input: torch.
         handles.append(module.register_full_backward_hook(
             lambda m, grad_in, grad_out, name=name: seen[name].append(grad_out[0].detach())))
     try:
-        x = block_input.detach().requires_grad_(True)
-        args, kwargs = inputs.call_args(index, 0)
-        with torch.enable_grad(), onloaded(runner.blocks[index], runner.device) as block:
-            out = block_output(block(x, *args, **kwargs))
-            (grad_in,) = torch.autograd.grad(out, x, grad_outputs=grad)
+        device = runner.block_device(index)  # a block's input and output gradient on its device (blocks on GPUs)
+        x = block_input.detach().to(device).requires_grad_(True)
+        with torch.enable_grad(), runner.onloaded(index) as block:
+            out = block_output(runner.call(block, index, inputs, x, 0))
+            (grad_in,) = torch.autograd.grad(out, x, grad_outputs=grad.to(device))
     finally:
         for handle in handles:
             handle.remove()

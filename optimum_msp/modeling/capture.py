@@ -39,35 +39,33 @@ class BlockInputs:
 
     hidden: List[torch.Tensor] = field(default_factory=list)
     calls: List[List[Call]] = field(default_factory=list)
+    #: ``calls`` with their tensors on another device, per device (:meth:`call_args`)
+    _placed: Dict[torch.device, List[List[Call]]] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.hidden)
 
     def to(self, device: torch.device) -> "BlockInputs":
         """These inputs with every tensor on ``device`` (shared tensors stay shared); ``self`` if all are there."""
-        moved: Dict[int, Any] = {}
-
-        def move(value: Any) -> Any:
-            if id(value) in moved:
-                return moved[id(value)]
-            if isinstance(value, torch.Tensor):
-                result = value.to(device)
-            elif isinstance(value, (tuple, list)):
-                result = type(value)(move(v) for v in value)
-            elif type(value) is dict:
-                result = {k: move(v) for k, v in value.items()}
-            else:
-                result = value
-            moved[id(value)] = result
-            return result
-
         if all(h.device == torch.device(device) for h in self.hidden) and not _has_tensor_off(self.calls, device):
             return self
+        move = _mover(device)
         return BlockInputs([move(h) for h in self.hidden], [[move(call) for call in calls] for calls in self.calls])
 
-    def call_args(self, block: int, batch: int) -> Call:
-        """``(args, kwargs)`` block ``block`` is called with (after its hidden state) in batch ``batch``."""
-        return self.calls[batch][block]
+    def call_args(self, block: int, batch: int, device: Optional[torch.device] = None) -> Call:
+        """``(args, kwargs)`` block ``block`` is called with (after its hidden state) in batch ``batch``; with
+        ``device``, their tensors there (blocks spread over several GPUs: moved once per device, then kept)."""
+        if device is None:
+            return self.calls[batch][block]
+        placed = self._placed.get(torch.device(device))
+        if placed is None:
+            if not _has_tensor_off(self.calls, device):
+                placed = self.calls
+            else:
+                move = _mover(device)
+                placed = [[move(call) for call in calls] for calls in self.calls]
+            self._placed[torch.device(device)] = placed
+        return placed[batch][block]
 
     @property
     def args(self) -> List[Tuple[Any, ...]]:
@@ -223,6 +221,27 @@ class _CaptureRecorder:
                 recent.append(tensor)
         self._seen[id(tensor)] = (tensor, stored)
         return stored
+
+
+def _mover(device: torch.device):
+    """A function moving a structure's tensors to ``device``; a value met twice (shared) is moved once."""
+    moved: Dict[int, Any] = {}
+
+    def move(value: Any) -> Any:
+        if id(value) in moved:
+            return moved[id(value)]
+        if isinstance(value, torch.Tensor):
+            result = value.to(device)
+        elif isinstance(value, (tuple, list)):
+            result = type(value)(move(v) for v in value)
+        elif type(value) is dict:
+            result = {k: move(v) for k, v in value.items()}
+        else:
+            result = value
+        moved[id(value)] = result
+        return result
+
+    return move
 
 
 def _has_tensor_off(value: Any, device: torch.device) -> bool:

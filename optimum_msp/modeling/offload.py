@@ -17,7 +17,7 @@ files the model was loaded from are never modified.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from accelerate.utils import has_offloaded_params, offload_weight
@@ -26,7 +26,8 @@ from torch import nn
 
 from .blocks import LINEAR_TYPES
 
-__all__ = ["compute_device", "is_offloaded", "onloaded", "read_matrix", "read_stored", "write_matrix"]
+__all__ = ["block_devices", "compute_device", "execution_device", "is_offloaded", "matrix_shape", "onloaded",
+           "read_matrix", "read_stored", "write_matrix"]
 
 
 def is_offloaded(module: nn.Module) -> bool:
@@ -36,6 +37,13 @@ def is_offloaded(module: nn.Module) -> bool:
 
 def _transposed(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES[1:])  # GPT-2's Conv1D stores [in, out]
+
+
+def matrix_shape(module: nn.Module) -> Tuple[int, int]:
+    """``(out_features, in_features)`` of the weight :func:`read_matrix` returns, without reading it (an offloaded
+    weight's placeholder has the shape)."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if _transposed(module) else (rows, cols)
 
 
 def read_stored(module: nn.Module, name: str = "weight") -> torch.Tensor:
@@ -77,19 +85,49 @@ def write_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     target.copy_(stored.to(target.device, target.dtype))
 
 
+def _hook_device(module: nn.Module) -> Optional[torch.device]:
+    """The execution device of accelerate's hook on ``module`` itself (one of a ``SequentialHook``'s), if any."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        if getattr(one, "execution_device", None) is not None:
+            return torch.device(one.execution_device)
+    return None
+
+
+def execution_device(module: nn.Module) -> Optional[torch.device]:
+    """Where ``module`` computes when left where it is: the execution device of accelerate's hook on it or on its
+    first submodule with one (a ``device_map`` puts one on every module it names), else the device of its first
+    parameter held in memory; ``None`` when it has neither."""
+    for sub in module.modules():
+        device = _hook_device(sub)
+        if device is not None:
+            return device
+    for parameter in module.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return None
+
+
 def compute_device(model: nn.Module, device: Union[str, torch.device, None] = None) -> torch.device:
     """Where blocks are computed: ``device`` if given, else where accelerate executes offloaded modules, else
     the device of the model's first real parameter."""
     if device is not None:
         return torch.device(device)
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        if hook is not None and getattr(hook, "execution_device", None) is not None:
-            return torch.device(hook.execution_device)
-    for parameter in model.parameters():
-        if parameter.device.type != "meta":
-            return parameter.device
-    return torch.device("cpu")
+    return execution_device(model) or torch.device("cpu")
+
+
+def block_devices(blocks: Sequence[nn.Module], default: torch.device, given: bool = False) -> List[torch.device]:
+    """Where each block is computed. ``default`` for every block when it was ``given`` (``device=``: every block is
+    onloaded there) or when the blocks sit on at most one accelerator (on the host, on one GPU, offloaded to one
+    execution device); when they sit on several (a ``device_map`` spreading them over GPUs), each block on its own
+    (:func:`execution_device`), where its weights already are, and a block on the host on ``default``."""
+    if given:
+        return [default] * len(blocks)
+    own = [execution_device(block) for block in blocks]
+    accelerators = {device for device in own if device is not None and device.type not in ("cpu", "meta")}
+    if len(accelerators) < 2:
+        return [default] * len(blocks)
+    return [device if device in accelerators else default for device in own]
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 from .. import distributed
 from .blocks import find_decoder_blocks
 from .capture import BlockInputs, Replay, StandIn, capture_block_inputs, swapped_blocks
-from .offload import compute_device, onloaded
+from .offload import block_devices, compute_device, onloaded
 
 __all__ = ["BlockDone", "BlockInputs", "BlockRunner", "InputStatistics", "StandIn", "batched", "block_output",
            "forward_with_statistics", "input_device", "swapped_blocks"]
@@ -53,6 +53,10 @@ class BlockRunner:
     The activations live on ``device`` (default: where the model computes); a block held elsewhere (the model on
     the host, a GPU to compute on) is moved there for its forward and back afterwards, and offloaded blocks are
     loaded by accelerate's hooks: one block's weights on the compute device at a time.
+
+    Without a ``device``, blocks that sit on several GPUs (a ``device_map`` spreading them) are each computed where
+    they sit (:meth:`block_device`): a block's hidden states and other arguments (masks, position embeddings) are
+    moved to it, and its outputs stay there for the next block.
     """
 
     def __init__(self, model: nn.Module, block_name: Optional[str] = None,
@@ -60,6 +64,9 @@ class BlockRunner:
         self.model = model
         self.block_prefix, self.blocks = find_decoder_blocks(model, block_name)
         self.device = compute_device(model, device)
+        self._block_devices = block_devices(self.blocks, self.device, given=device is not None)
+        #: whether blocks are computed on more than one device (then every block call moves its inputs)
+        self.spread = len(set(self._block_devices)) > 1
         #: whether a block returns a tuple (older transformers) rather than a tensor; known after a capture
         self.returns_tuple: Optional[bool] = None
 
@@ -70,14 +77,28 @@ class BlockRunner:
         other arguments."""
         batches = [batch.to(input_device(self.model)) for batch in batched(input_ids, batch_size)]
         inputs, self.returns_tuple = capture_block_inputs(self.model, self.blocks, batches, self.returns_tuple)
-        return inputs.to(self.device)
+        return inputs.to(self.block_device(0))
+
+    def block_device(self, index: int) -> torch.device:
+        """Where block ``index`` is computed: :attr:`device`, unless the blocks sit on several GPUs (see the class)."""
+        return self._block_devices[index]
 
     @contextlib.contextmanager
     def onloaded(self, index: int) -> Iterator[nn.Module]:
-        """Block ``index`` ready to compute on :attr:`device` inside the context (see
+        """Block ``index`` ready to compute on :meth:`block_device` inside the context (see
         :func:`~optimum_msp.modeling.offload.onloaded`): several passes through one block pay for one move."""
-        with onloaded(self.blocks[index], self.device) as block:
+        with onloaded(self.blocks[index], self.block_device(index)) as block:
             yield block
+
+    def call(self, block: nn.Module, index: int, inputs: BlockInputs, hidden: torch.Tensor, batch: int) -> Any:
+        """The onloaded ``block`` (number ``index``) called on ``hidden`` with its captured arguments of batch
+        ``batch``, all on its device (the block's raw output)."""
+        if not self.spread:
+            args, kwargs = inputs.call_args(index, batch)
+            return block(hidden, *args, **kwargs)
+        device = self.block_device(index)
+        args, kwargs = inputs.call_args(index, batch, device)
+        return block(hidden.to(device), *args, **kwargs)
 
     @torch.no_grad()
     def forward_block(
@@ -90,9 +111,8 @@ class BlockRunner:
         for j in range(len(hidden)):
             if on_batch is not None:
                 on_batch(j)
-            args, kwargs = inputs.call_args(index, j)
             try:
-                out = block_output(block(hidden[j], *args, **kwargs))
+                out = block_output(self.call(block, index, inputs, hidden[j], j))
             except BlockDone:
                 if keep:
                     raise
@@ -118,10 +138,9 @@ class BlockRunner:
     @torch.no_grad()
     def advance(self, index: int, inputs: BlockInputs) -> None:
         """Replace ``inputs`` in place by what block ``index`` outputs (one block's activations alive)."""
-        with onloaded(self.blocks[index], self.device) as block:
+        with self.onloaded(index) as block:
             for j in range(len(inputs)):
-                args, kwargs = inputs.call_args(index, j)
-                inputs.hidden[j] = block_output(block(inputs.hidden[j], *args, **kwargs))
+                inputs.hidden[j] = block_output(self.call(block, index, inputs, inputs.hidden[j], j))
 
     def head(self, final_hidden: torch.Tensor, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
         """The model's output (logits, and the loss with ``labels``) for a last block's output ``final_hidden``.
