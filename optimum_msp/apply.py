@@ -210,11 +210,11 @@ def prune_with_statistics(
     achieved: Dict[str, float] = {}
     progress = hf_logging.tqdm(layers, desc=f"Pruning ({pruner.name}, given statistics)",
                                disable=not hf_logging.is_progress_bar_enabled())
-    for block_layers in progress:
-        for name, module in block_layers.items():
-            if name in targets:
-                achieved[name] = prune_layer(module, pruner, stats[name] if pruner.needs_calibration else None,
-                                             targets[name], runner.device, name)
+    for index, block_layers in enumerate(progress):
+        jobs = {name: (module, stats[name] if pruner.needs_calibration else None, targets[name])
+                for name, module in block_layers.items() if name in targets}
+        if jobs:  # under several processes each prunes its share of the block (see prune_block)
+            achieved.update(prune_block(jobs, pruner, runner.block_device(index)))
     return achieved
 
 
