@@ -46,10 +46,10 @@ class SearchOptions(FisherOptions):
         "sequential prune with the Fisher seed plan gathers them (seed); auto: seed for pruners that update the "
         "weights they keep (SparseGPT), dense otherwise", choices=("auto", "dense", "seed"))
     final_statistics: str = option(
-        "sequential", "input statistics the final prune takes after an MSP search: a sequential prune with the "
-        "searched plan (sequential), or those the search's weight bank pruned with (search: the dense model's, or "
-        "the seed plan's, see search_statistics), so the saved model is the one the search scored",
-        choices=("sequential", "search"))
+        "search", "input statistics the final prune takes after an MSP search: those the search's weight bank "
+        "pruned with (search: the dense model's or the seed plan's, see search_statistics), so the saved model is "
+        "the one the search scored and the final prune needs no forward pass; or a sequential prune with the "
+        "searched plan gathering its own (sequential)", choices=("search", "sequential"))
     population_size: int = option(12, "MSP search: plans per generation", kind=int, low=2)
     generations: int = option(10, "MSP search: generations", kind=int, low=0)
     offspring: int = option(
