@@ -387,7 +387,12 @@ class _Terms:
 
     def prune(self) -> Dict[str, Dict[str, int]]:
         s, p = self.s, self.parts()
-        if self.calibrated:
+        if self.calibrated and self.o["allocation"] == "msp" and self.o["final_statistics"] == "search":
+            # the search's statistics, read back one block at a time: no calibration pass
+            p.add("device", "one block's statistics (loaded)", self.block_stats)
+            p.add("device", "factorization", self.factorization)
+            p.add("disk", "search statistics (work folder)", s.layers * self.block_stats)
+        elif self.calibrated:
             self.calibration(p)
             p.add("device", "factorization", self.factorization)
             self.transit(p)

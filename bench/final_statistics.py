@@ -1,0 +1,167 @@
+"""Which input statistics should the final prune use after an MSP search? (issue #20, item 2)
+
+For one cell (pruner x target) and one seed: run the MSP search once, then prune the Fisher seed plan and the
+searched plan each way (and the uniform plan sequentially) from the same dense weights, and report for every
+model its test PPL (WikiText-2, first 16 windows, or the whole split) and its fitness (mean NLL) on the search's
+own windows:
+
+- ``sequential``: the standard sequential prune with the plan itself (each block sees the pruned blocks before it);
+- ``search``: the statistics the search's weight bank pruned with (``dense``: the dense model's inputs; ``seed``:
+  the inputs a sequential prune with the Fisher seed plan sees), so the model is the one the search scored.
+
+    python bench/final_statistics.py --threads 1 --cell wanda:0.75 --seed 0
+    python bench/final_statistics.py --threads 1 --cell sparsegpt:0.75 --seed 0
+    python bench/final_statistics.py --table
+    python bench/final_statistics.py --seeds-table   # mean (min-max) over seeds; MSP against Fisher beyond spread
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (  # noqa: E402
+    RESULTS, append_result, git_commit, markdown_table, read_results, set_threads, wikitext_perplexity,
+)
+
+OUT = RESULTS / "final_statistics.jsonl"
+
+
+def run_cell(args) -> None:
+    import torch
+
+    from optimum_msp import MSPConfig, MSPPruner
+    from optimum_msp.allocation import ALLOCATORS, AllocationContext
+    from optimum_msp.allocation.msp import search_statistics
+    from optimum_msp.allocation.statistics import dense_layer_statistics, seeded_layer_statistics
+    from optimum_msp.apply import apply_targets, prune_layer
+    from optimum_msp.modeling.blocks import select_linears
+    from optimum_msp.modeling.sequential import BlockRunner
+    from optimum_msp.modeling.weights import WeightSnapshot
+    from optimum_msp.pruners import build_pruner
+
+    set_threads(args.threads)
+    method, sparsity = args.cell.split(":")
+    extra = dict(item.split("=", 1) for item in args.set)
+    defaults = MSPConfig()
+    extra = {k: type(getattr(defaults, k))(v) if getattr(defaults, k) is not None else v for k, v in extra.items()}
+    config = MSPConfig.from_preset(args.preset, method=method, sparsity=float(sparsity), allocation="msp",
+                                   seed=args.seed, **extra).resolved()
+    pruner = MSPPruner.from_pretrained(args.model)
+    data = pruner.calibration(config)
+    method_pruner = build_pruner(config.method, config.pruner_options())
+    runner = BlockRunner(pruner.model, config.block_name)
+    layers = [select_linears(block, f"{runner.block_prefix}.{i}", config.targets, config.ignore)
+              for i, block in enumerate(runner.blocks)]
+    context = AllocationContext(pruner.model, layers, config.budget(), config.allocation_options(), method_pruner,
+                                data, runner, config.seed, config.batch_size)
+    started = time.perf_counter()
+    searched = ALLOCATORS.get("msp")(context)
+    search_s = time.perf_counter() - started
+    fisher = ALLOCATORS.get("fisher")(context)
+    kind = search_statistics(config.search_statistics, method_pruner)
+    fitness_ids = data.held_out(config.fitness_samples, config.fitness_seqlen, config.seed + 1)
+    modules = context.modules
+    base = {"cell": args.cell, "seed": args.seed, "bank_statistics": kind, "overrides": extra, "preset": args.preset,
+            "search_cpu_s": round(searched.report["search_cpu_seconds"], 1),
+            "evaluations": searched.report["evaluations"], "screened": searched.report["screened"],
+            "search_s": round(search_s, 1), "best_fitness": searched.search["best_fitness"],
+            "fisher_fitness": searched.search["fisher_fitness"], "commit": git_commit(), "threads": args.threads}
+    uniform = ALLOCATORS.get("uniform")(context)
+
+    def search_prune(plan):  # the bank's statistics, read back from the statistics cache: no forward pass
+        stats = (dense_layer_statistics(context, method_pruner.new_statistics) if kind == "dense"
+                 else seeded_layer_statistics(context, fisher.targets))
+        for name, module in modules.items():
+            prune_layer(module, method_pruner, stats[name], plan[name], runner.device, name)
+
+    def sequential_prune(plan):
+        apply_targets(runner, layers, plan, method_pruner, data.ids, config.batch_size)
+
+    models = [("uniform", uniform.targets, "sequential"), ("fisher", fisher.targets, "sequential"),
+              ("msp", searched.targets, "sequential"), ("msp", searched.targets, "search")]
+    if kind == "dense":  # with seeded statistics the Fisher plan fed by itself is its sequential prune
+        models.append(("fisher", fisher.targets, "search"))
+    if args.models:
+        models = [m for m in models if f"{m[0]}:{m[2]}" in args.models]
+    for plan_name, plan, final in models:
+        with WeightSnapshot(modules):
+            (search_prune if final == "search" else sequential_prune)(plan)
+            with torch.no_grad():
+                nll = sum(float(pruner.model(input_ids=fitness_ids[i:i + 1], labels=fitness_ids[i:i + 1],
+                                             use_cache=False).loss) for i in range(fitness_ids.shape[0]))
+            row = {**base, "plan": plan_name, "final_statistics": final,
+                   "final_fitness_nll": nll / fitness_ids.shape[0]}
+            row.update(wikitext_perplexity(pruner.model, pruner.tokenizer, args.eval_windows or None))
+        append_result(Path(args.output), row)
+        print(row, flush=True)
+
+
+def table(path: Path) -> str:
+    rows = read_results(path)
+    columns = ["cell", "seed", "preset", "bank_statistics", "plan", "final_statistics", "ppl", "final_fitness_nll",
+               "best_fitness", "fisher_fitness", "commit"]
+    for row in rows:
+        for key in ("ppl", "final_fitness_nll", "best_fitness", "fisher_fitness"):
+            if isinstance(row.get(key), float):
+                row[key] = round(row[key], 3)
+    return markdown_table(rows, columns)
+
+
+MODELS = (("uniform", "sequential"), ("fisher", "sequential"), ("fisher", "search"), ("msp", "sequential"),
+          ("msp", "search"))
+
+
+def seeds_table(path: Path) -> str:
+    """Per cell and preset: mean test PPL over seeds (min–max) of each model, and the delivered MSP model (search
+    statistics) against the delivered Fisher model (sequential), a gain only beyond the seed-to-seed spread
+    (``bench/allocation.py``'s rule)."""
+    import statistics
+
+    from allocation import _mean_range, msp_verdict
+
+    cells: dict = {}
+    for row in read_results(path):
+        key = (row["cell"], row.get("preset") or "default")
+        cells.setdefault(key, {}).setdefault((row["plan"], row["final_statistics"]), {})[row["seed"]] = row["ppl"]
+    header = [f"{plan} ({final})" for plan, final in MODELS]
+    lines = ["| cell | preset | seeds | " + " | ".join(header) + " | MSP / Fisher | verdict |",
+             "|" + "---|" * (len(MODELS) + 5)]
+    for (cell, preset), models in sorted(cells.items()):
+        seeds = sorted(set().union(*(set(v) for v in models.values())))
+        fisher, msp = models.get(("fisher", "sequential"), {}), models.get(("msp", "search"), {})
+        common = sorted(set(fisher) & set(msp))
+        ratio = (f"{statistics.mean(msp[s] for s in common) / statistics.mean(fisher[s] for s in common):.2f}x"
+                 if common else "-")
+        lines.append(f"| {cell} | {preset} | {','.join(map(str, seeds))} | "
+                     + " | ".join(_mean_range(models.get(m, {}), len(seeds)) for m in MODELS)
+                     + f" | {ratio} | {msp_verdict(fisher, msp)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--cell", default="wanda:0.75", help="METHOD:SPARSITY (unstructured)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", nargs="*", default=None, metavar="PLAN:FINAL",
+                        help="only these models, e.g. fisher:sequential msp:search (default: all)")
+    parser.add_argument("--preset", default="default", help="start from this preset (optimum_msp.presets)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="other MSPConfig options")
+    parser.add_argument("--eval-windows", type=int, default=16, help="first test windows; 0: the whole split")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default=str(OUT))
+    parser.add_argument("--table", action="store_true")
+    parser.add_argument("--seeds-table", action="store_true", help="mean (min-max) over seeds per cell and model")
+    args = parser.parse_args()
+    if args.table or args.seeds_table:
+        print(seeds_table(Path(args.output)) if args.seeds_table else table(Path(args.output)))
+        return
+    run_cell(args)
+
+
+if __name__ == "__main__":
+    main()
