@@ -213,13 +213,6 @@ class MSPConfig(QuantizationConfigMixin):
         return f"MSPConfig({json.dumps(self.to_dict(), sort_keys=True)})"
 
     @classmethod
-    def from_preset(cls, name: str, **values: Any) -> "MSPConfig":
-        """A config starting from preset ``name`` (:mod:`optimum_msp.presets`); ``values`` override it."""
-        from .presets import preset_values
-
-        return cls(**{**preset_values(name), **values})
-
-    @classmethod
     def from_dict(cls, config_dict: Dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
         fields = set(config_fields()) | {"quant_method"}
         unknown = set(config_dict) - fields

@@ -12,7 +12,6 @@ from typing import Any, Dict, Iterable, Optional
 
 from ..configuration import MSPConfig, RunOptions, config_fields, parse_pattern
 from ..options import FieldSpec
-from ..presets import PRESETS, preset_values
 
 
 def _flag(name: str) -> str:
@@ -40,10 +39,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Iterable[str]
     if config_file:
         parser.add_argument("--config", default=None,
                             help="an msp_config.json (or a folder holding one) to start from; flags override it")
-        parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                            help="start from a named bundle of search settings (" + "; ".join(
-                                f"{name}: {about}" for name, (about, _values) in sorted(PRESETS.items()))
-                            + "); --config and flags override it")
     groups: Dict[type, Any] = {}
     for name, spec in config_fields().items():
         if name in exclude:
@@ -69,10 +64,8 @@ def config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] = None) -> MSPConfig:
-    """``MSPConfig`` from ``--preset`` (if any), then ``defaults`` (the caller's), then ``--config`` (if any), then
-    the flags given."""
-    values: Dict[str, Any] = preset_values(args.preset) if getattr(args, "preset", None) else {}
-    values.update(defaults or {})
+    """``MSPConfig`` from ``--config`` (if any), then ``defaults`` (the caller's), then the flags given."""
+    values: Dict[str, Any] = dict(defaults or {})
     if getattr(args, "config", None):
         values.update(MSPConfig.from_pretrained(args.config).to_dict())
     given = config_overrides(args)
