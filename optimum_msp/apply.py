@@ -122,7 +122,6 @@ def apply_targets(
     batch_size: int = 1,
     on_statistics: Optional[Callable[[Dict[str, object]], None]] = None,
     restore: bool = False,
-    feed: Optional[Mapping[str, LayerTarget]] = None,
 ) -> Dict[str, float]:
     """Prune every layer named in ``targets``; return achieved sparsity per layer.
 
@@ -130,12 +129,6 @@ def apply_targets(
     are pruned with them. With ``restore``, each block is put back as it was once its pruned outputs have fed
     the next block: the pass gathers what a sequential prune sees and leaves the model unchanged, holding a
     copy of one block's weights at a time.
-
-    ``feed``: the targets each block is pruned to while its outputs become the next block's inputs, when they are
-    not ``targets`` themselves (``None``, the standard sequential prune). ``{}`` feeds every block's dense outputs
-    forward (each layer pruned with the dense model's input statistics); another plan feeds what a sequential prune
-    with that plan sees. Either way each layer ends pruned to ``targets`` with the statistics it was fed: the
-    model an MSP search scored through its weight bank (:class:`~optimum_msp.allocation.search.WeightBank`).
     """
     achieved: Dict[str, float] = {}
     if not pruner.needs_calibration:
@@ -149,50 +142,26 @@ def apply_targets(
         return achieved
     if calibration is None:
         raise ValueError(f"The {pruner.name!r} pruner needs calibration data.")
-    if restore and feed is not None:
-        raise ValueError("restore=True prunes each block to its targets only while it feeds the next one; feed= "
-                         "names other targets for that, so pass one or the other.")
     inputs = runner.capture(distributed.shard(calibration), batch_size)
     pruned_block: Optional[WeightSnapshot] = None  # the block to put back once its outputs are the next inputs
-    pending: Dict[str, Job] = {}  # layers to prune to ``targets`` once their block has fed on
-    pending_device: Optional[torch.device] = None
-
-    def settle() -> None:  # the block before fed the next one: put it back, prune it to its own targets
-        nonlocal pruned_block
-        if pruned_block is not None:
-            pruned_block.restore()
-            pruned_block = None
-        if pending:
-            achieved.update(prune_block(pending, pruner, pending_device))
-        pending.clear()
-
     try:
         for index, _block in runner.walk(inputs, desc=f"Pruning ({pruner.name})"):
-            settle()
+            if pruned_block is not None:
+                pruned_block.restore()
+                pruned_block = None
             chosen = {name: module for name, module in layers[index].items() if name in targets}
             if not chosen:
                 continue
             stats = forward_with_statistics(runner, index, inputs, chosen, pruner.new_statistics)
             if on_statistics is not None:
                 on_statistics(stats)
-            last = index == len(runner.blocks) - 1  # its outputs feed nothing
-            device = runner.block_device(index)
             if restore:
-                if last:
-                    continue  # pruning it would be undone unseen
+                if index == len(runner.blocks) - 1:
+                    continue  # its outputs feed nothing: pruning it would be undone unseen
                 pruned_block = WeightSnapshot(chosen)
-            elif feed is not None and not last:
-                fed = {name: module for name, module in chosen.items() if name in feed}
-                pruned_block = WeightSnapshot(fed) if fed else None
-                prune_block({name: (module, stats[name], feed[name]) for name, module in fed.items()}, pruner, device)
-                pending.update({name: (module, stats[name], targets[name]) for name, module in chosen.items()})
-                pending_device = device
-                continue
             achieved.update(prune_block({name: (module, stats[name], targets[name]) for name, module in chosen.items()},
-                                        pruner, device))
+                                        pruner, runner.block_device(index)))
             del stats
-        if not restore:
-            settle()
     finally:
         if pruned_block is not None:
             pruned_block.restore()

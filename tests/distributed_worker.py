@@ -57,7 +57,7 @@ def run_case(case: str, out: Path, **options) -> dict:
 
 #: the final prune's ways of running (``apply_targets``): sequential, fed by another plan, a statistics pass, and
 #: sequential on a model offloaded to host memory (the pruned weights written to accelerate's weights map)
-SPLIT_MODES = ("sequential", "feed", "restore", "offloaded")
+SPLIT_MODES = ("sequential", "restore", "offloaded")
 #: the layer whose prune fails in :func:`failing_prune` (SparseGPT: its process prunes only part of the block)
 FAILING = "model.layers.1.self_attn.q_proj"
 
@@ -86,7 +86,6 @@ def split_prunes() -> dict:
     (its ``prune_layer`` calls: name, target)."""
     from optimum_msp import apply
     from optimum_msp.modeling.offload import read_matrix
-    from optimum_msp.plan import LayerTarget
     from optimum_msp.pruners import get_pruner
 
     results = {}
@@ -104,11 +103,10 @@ def split_prunes() -> dict:
                 seen.update({name: [getattr(stat, field).clone() for field in stat.STATE]
                              for name, stat in stats.items()})
 
-            feed = {name: LayerTarget(sparsity=0.7) for name in targets} if mode == "feed" else None
             apply.prune_layer = counting
             try:
                 achieved = apply.apply_targets(runner, layers, targets, get_pruner(method), calibration_windows(),
-                                               on_statistics=keep, restore=mode == "restore", feed=feed)
+                                               on_statistics=keep, restore=mode == "restore")
             finally:
                 apply.prune_layer = original
             results[method, mode] = {

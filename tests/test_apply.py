@@ -1,14 +1,13 @@
-"""``apply_targets``: the sequential prune, and ``feed=`` (the inputs each block is pruned with)."""
+"""``apply``: the sequential prune, pruning with given statistics, and how a block's layers are split."""
 
 import pytest
 import torch
 
 from optimum_msp import checks
-from optimum_msp.apply import apply_targets, dense_statistics
+from optimum_msp.apply import dense_statistics, prune_with_statistics
 from optimum_msp.modeling.blocks import select_linears
 from optimum_msp.modeling.offload import read_matrix
 from optimum_msp.modeling.sequential import BlockRunner
-from optimum_msp.modeling.weights import WeightSnapshot
 from optimum_msp.plan import LayerTarget
 from optimum_msp.pruners import get_pruner
 from tiny_models import calibration_ids, tiny_model
@@ -20,8 +19,7 @@ def _setup():
     layers = [select_linears(block, f"{runner.block_prefix}.{i}") for i, block in enumerate(runner.blocks)]
     names = [name for block in layers for name in block]
     targets = {name: LayerTarget(sparsity=0.5 + 0.1 * (i % 3)) for i, name in enumerate(names)}
-    feed = {name: LayerTarget(sparsity=0.8) for name in names}
-    return model, runner, layers, targets, feed
+    return model, runner, layers, targets
 
 
 def _weights(layers):
@@ -40,50 +38,24 @@ def _pruned_with(layers, pruner, stats_per_block, targets):
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_dense_feed_prunes_every_layer_with_the_dense_models_statistics(method):
-    model, runner, layers, targets, _ = _setup()
+def test_pruning_with_given_statistics_runs_no_forward_and_prunes_each_layer_with_its_own(method, monkeypatch):
+    model, runner, layers, targets = _setup()
     pruner, ids = get_pruner(method), calibration_ids(3, 16)
     dense = dict(dense_statistics(runner, layers, ids, pruner.new_statistics))
     expected = _pruned_with(layers, pruner, dense, targets)
 
-    achieved = apply_targets(runner, layers, targets, pruner, ids, feed={})
+    def no_forward(*args, **kwargs):
+        raise AssertionError("pruning with given statistics must not run the model")
+
+    monkeypatch.setattr(runner, "capture", no_forward)
+    monkeypatch.setattr(runner, "walk", no_forward)
+    given = {name: stat for block in dense.values() for name, stat in block.items()}
+    achieved = prune_with_statistics(runner, layers, targets, pruner, given)
     got = _weights(layers)
     assert achieved.keys() == targets.keys()
     for name in targets:
         assert torch.equal(got[name], expected[name]), name
-
-
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_a_feed_plan_gives_the_statistics_a_sequential_prune_with_it_sees(method):
-    model, runner, layers, targets, feed = _setup()
-    pruner, ids = get_pruner(method), calibration_ids(3, 16)
-    seen = []
-    apply_targets(runner, layers, feed, pruner, ids, restore=True, on_statistics=seen.append)  # model unchanged
-    expected = _pruned_with(layers, pruner, seen, targets)
-
-    achieved = apply_targets(runner, layers, targets, pruner, ids, feed=feed)
-    got = _weights(layers)
-    for name in targets:
-        assert torch.equal(got[name], expected[name]), name
-        # every layer ends at its own target, none at the feed's
         assert achieved[name] == pytest.approx(targets[name].sparsity, abs=0.02), name
-
-
-def test_feeding_the_targets_themselves_is_the_sequential_prune():
-    _, runner, layers, targets, _ = _setup()
-    pruner, ids = get_pruner("sparsegpt"), calibration_ids(3, 16)
-    with WeightSnapshot({n: m for block in layers for n, m in block.items()}):
-        apply_targets(runner, layers, targets, pruner, ids)
-        sequential = _weights(layers)
-    apply_targets(runner, layers, targets, pruner, ids, feed=targets)
-    fed = _weights(layers)
-    assert all(torch.equal(fed[name], sequential[name]) for name in targets)
-
-
-def test_restore_and_feed_together_are_refused():
-    _, runner, layers, targets, feed = _setup()
-    with pytest.raises(ValueError, match="feed="):
-        apply_targets(runner, layers, targets, get_pruner("wanda"), calibration_ids(2, 8), restore=True, feed=feed)
 
 
 @pytest.mark.parametrize("processes, costs, owners", [
@@ -107,7 +79,7 @@ def test_a_blocks_layers_are_split_in_units_of_work(method, units):
     from optimum_msp.apply import _work
     from optimum_msp.modeling.sequential import forward_with_statistics
 
-    _, runner, layers, targets, _ = _setup()
+    _, runner, layers, targets = _setup()
     pruner = get_pruner(method)
     inputs = runner.capture(calibration_ids(2, 16))
     stats = forward_with_statistics(runner, 0, inputs, layers[0], pruner.new_statistics)
