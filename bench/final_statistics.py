@@ -27,6 +27,8 @@ from common import (  # noqa: E402
     RESULTS, append_result, git_commit, markdown_table, read_results, set_threads, wikitext_perplexity,
 )
 
+from allocation import _final_fitness_nll  # noqa: E402  (the same NLL bench/allocation.py reports)
+
 OUT = RESULTS / "final_statistics.jsonl"
 #: named search settings (``--preset``); "quality" is the candidate measured for a longer, screened search preset:
 #: it lost to the default on both seeds measured (docs/notes/2026-11-29-final-statistics.md), so none is shipped
@@ -37,7 +39,6 @@ PRESETS = {
 
 
 def run_cell(args) -> None:
-    import torch
 
     from optimum_msp import MSPConfig, MSPPruner
     from optimum_msp.allocation import ALLOCATORS, AllocationContext
@@ -51,11 +52,8 @@ def run_cell(args) -> None:
 
     set_threads(args.threads)
     method, sparsity = args.cell.split(":")
-    extra = dict(item.split("=", 1) for item in args.set)
-    defaults = MSPConfig()
-    extra = {k: type(getattr(defaults, k))(v) if getattr(defaults, k) is not None else v for k, v in extra.items()}
-    config = MSPConfig(**{**PRESETS[args.preset], **dict(method=method, sparsity=float(sparsity), allocation="msp",
-                                                           seed=args.seed), **extra}).resolved()
+    config = MSPConfig(**PRESETS[args.preset], method=method, sparsity=float(sparsity), allocation="msp",
+                       seed=args.seed).resolved()
     pruner = MSPPruner.from_pretrained(args.model)
     data = pruner.calibration(config)
     method_pruner = build_pruner(config.method, config.pruner_options())
@@ -71,7 +69,7 @@ def run_cell(args) -> None:
     kind = search_statistics(config.search_statistics, method_pruner)
     fitness_ids = data.held_out(config.fitness_samples, config.fitness_seqlen, config.seed + 1)
     modules = context.modules
-    base = {"cell": args.cell, "seed": args.seed, "bank_statistics": kind, "overrides": extra, "preset": args.preset,
+    base = {"cell": args.cell, "seed": args.seed, "bank_statistics": kind, "overrides": {}, "preset": args.preset,
             "search_cpu_s": round(searched.report["search_cpu_seconds"], 1),
             "evaluations": searched.report["evaluations"], "screened": searched.report["screened"],
             "search_s": round(search_s, 1), "best_fitness": searched.search["best_fitness"],
@@ -96,11 +94,8 @@ def run_cell(args) -> None:
     for plan_name, plan, final in models:
         with WeightSnapshot(modules):
             (search_prune if final == "search" else sequential_prune)(plan)
-            with torch.no_grad():
-                nll = sum(float(pruner.model(input_ids=fitness_ids[i:i + 1], labels=fitness_ids[i:i + 1],
-                                             use_cache=False).loss) for i in range(fitness_ids.shape[0]))
             row = {**base, "plan": plan_name, "final_statistics": final,
-                   "final_fitness_nll": nll / fitness_ids.shape[0]}
+                   "final_fitness_nll": _final_fitness_nll(pruner.model, fitness_ids)}
             row.update(wikitext_perplexity(pruner.model, pruner.tokenizer, args.eval_windows or None))
         append_result(Path(args.output), row)
         print(row, flush=True)
@@ -156,7 +151,6 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=None, metavar="PLAN:FINAL",
                         help="only these models, e.g. fisher:sequential msp:search (default: all)")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named search settings")
-    parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="other MSPConfig options")
     parser.add_argument("--eval-windows", type=int, default=16, help="first test windows; 0: the whole split")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=str(OUT))
