@@ -62,18 +62,22 @@ def run_cell(args) -> None:
               for i, block in enumerate(runner.blocks)]
     context = AllocationContext(pruner.model, layers, config.budget(), config.allocation_options(), method_pruner,
                                 data, runner, config.seed, config.batch_size)
+    # the search only when a model needs it: the Fisher and uniform rows of a seed do not depend on it
+    wanted = args.models or ["msp"]
     started = time.perf_counter()
-    searched = ALLOCATORS.get("msp")(context)
+    searched = ALLOCATORS.get("msp")(context) if any(m.startswith("msp") for m in wanted) else None
     search_s = time.perf_counter() - started
     fisher = ALLOCATORS.get("fisher")(context)
     kind = search_statistics(config.search_statistics, method_pruner)
     fitness_ids = data.held_out(config.fitness_samples, config.fitness_seqlen, config.seed + 1)
     modules = context.modules
     base = {"cell": args.cell, "seed": args.seed, "bank_statistics": kind, "overrides": {}, "preset": args.preset,
-            "search_cpu_s": round(searched.report["search_cpu_seconds"], 1),
-            "evaluations": searched.report["evaluations"], "screened": searched.report["screened"],
-            "search_s": round(search_s, 1), "best_fitness": searched.search["best_fitness"],
-            "fisher_fitness": searched.search["fisher_fitness"], "commit": git_commit(), "threads": args.threads}
+            "commit": git_commit(), "threads": args.threads}
+    if searched is not None:
+        base.update({"search_cpu_s": round(searched.report["search_cpu_seconds"], 1),
+                     "evaluations": searched.report["evaluations"], "screened": searched.report["screened"],
+                     "search_s": round(search_s, 1), "best_fitness": searched.search["best_fitness"],
+                     "fisher_fitness": searched.search["fisher_fitness"]})
     uniform = ALLOCATORS.get("uniform")(context)
 
     def search_prune(plan):  # the bank's statistics, read back from the statistics cache: no forward pass
@@ -85,8 +89,9 @@ def run_cell(args) -> None:
     def sequential_prune(plan):
         apply_targets(runner, layers, plan, method_pruner, data.ids, config.batch_size)
 
-    models = [("uniform", uniform.targets, "sequential"), ("fisher", fisher.targets, "sequential"),
-              ("msp", searched.targets, "sequential"), ("msp", searched.targets, "search")]
+    models = [("uniform", uniform.targets, "sequential"), ("fisher", fisher.targets, "sequential")]
+    if searched is not None:
+        models += [("msp", searched.targets, "sequential"), ("msp", searched.targets, "search")]
     if kind == "dense":  # with seeded statistics the Fisher plan fed by itself is its sequential prune
         models.append(("fisher", fisher.targets, "search"))
     if args.models:
@@ -133,7 +138,9 @@ def seeds_table(path: Path) -> str:
              "|" + "---|" * (len(MODELS) + 5)]
     for (cell, preset), models in sorted(cells.items()):
         seeds = sorted(set().union(*(set(v) for v in models.values())))
-        fisher, msp = models.get(("fisher", "sequential"), {}), models.get(("msp", "search"), {})
+        # the Fisher rows do not depend on the search settings: a preset without its own takes the default's
+        fisher = models.get(("fisher", "sequential")) or cells.get((cell, "default"), {}).get(("fisher", "sequential"), {})
+        msp = models.get(("msp", "search"), {})
         common = sorted(set(fisher) & set(msp))
         ratio = (f"{statistics.mean(msp[s] for s in common) / statistics.mean(fisher[s] for s in common):.2f}x"
                  if common else "-")
