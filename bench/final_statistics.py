@@ -35,6 +35,8 @@ OUT = RESULTS / "final_statistics.jsonl"
 PRESETS = {
     "default": {},
     "quality": dict(fitness_samples=8, generations=12, offspring=16, selection_steps="2:6,4:3"),
+    # each generation on its own 4 of 16 held-out windows, the finalists on all 16 (fitness_pool)
+    "pool": dict(fitness_pool=16),
 }
 
 
@@ -69,7 +71,7 @@ def run_cell(args) -> None:
     search_s = time.perf_counter() - started
     fisher = ALLOCATORS.get("fisher")(context)
     kind = search_statistics(config.search_statistics, method_pruner)
-    fitness_ids = data.held_out(config.fitness_samples, config.fitness_seqlen, config.seed + 1)
+    fitness_ids = data.held_out(config.fitness_pool or config.fitness_samples, config.fitness_seqlen, config.seed + 1)
     modules = context.modules
     base = {"cell": args.cell, "seed": args.seed, "bank_statistics": kind, "overrides": {}, "preset": args.preset,
             "commit": git_commit(), "threads": args.threads}

@@ -41,6 +41,11 @@ class SearchOptions(FisherOptions):
     fitness_samples: int = option(4, "held-out windows the search's fitness is measured on", kind=int, low=1)
     fitness_seqlen: int = option(256, "tokens per fitness window, the BOS included when the bos rule adds one",
                                  kind=int, low=1)
+    fitness_pool: int = option(
+        0, "MSP search: held-out windows each generation draws its fitness_samples windows from, anew every "
+        "generation (the elites are scored again on each draw), so that no plan wins by fitting one small sample; "
+        "the search ends by comparing the final population's 3 best and the Fisher seed on the whole pool (0: the "
+        "same fitness_samples windows every generation)", kind=int, low=0)
     search_statistics: str = option(
         "auto", "input statistics the search's pruned weights come from: of the dense model (dense), or as a "
         "sequential prune with the Fisher seed plan gathers them (seed); auto: seed for pruners that update the "
@@ -80,6 +85,9 @@ class SearchOptions(FisherOptions):
 
     def check_together(self, sparsity: Optional[float] = None, **context):
         super().check_together(sparsity=sparsity, **context)
+        if self.fitness_pool and self.fitness_pool <= self.fitness_samples:
+            raise ValueError(f"fitness_pool must be 0 (no pool) or more than fitness_samples ({self.fitness_samples})"
+                             f", the windows each generation draws from it; got {self.fitness_pool}.")
         steps = self.selection()
         children = self.offspring or self.population_size - 2
         for (windows, survivors), previous in zip(steps, [(0, children)] + steps):
@@ -125,7 +133,7 @@ def search_settings(context: AllocationContext, space: LevelSpace, statistics: s
     options, budget, pruner = context.options, context.budget, context.pruner
     level_options = {name: getattr(options, name) for name in
                      ("granularity", "max_deviation", "level_step", "max_layer_sparsity",
-                      "fisher_samples", "fisher_seqlen", "fitness_samples", "fitness_seqlen",
+                      "fisher_samples", "fisher_seqlen", "fitness_samples", "fitness_seqlen", "fitness_pool",
                       "search_statistics")}
     return {
         "version": __version__,
@@ -183,7 +191,17 @@ def msp(context: AllocationContext) -> AllocationResult:
                          f"plan, but this search's bank uses {statistics!r} statistics: set search_statistics="
                          "'seed' (or 'auto' with a pruner that updates weights, e.g. sparsegpt), or "
                          "statistics_refresh=0.")
-    fitness_ids = context.calibration.held_out(options.fitness_samples, options.fitness_seqlen, context.seed + 1)
+    fitness_ids = context.calibration.held_out(options.fitness_pool or options.fitness_samples,
+                                               options.fitness_seqlen, context.seed + 1)
+    pool = draw = 0
+    if options.fitness_pool:  # in fitness batches
+        # given fitness_ids (held_out_ids) are the pool whatever their number
+        pool = -(-fitness_ids.shape[0] // context.batch_size)
+        draw = -(-options.fitness_samples // context.batch_size)
+        if draw >= pool:
+            raise ValueError(f"fitness_pool={options.fitness_pool} and fitness_samples={options.fitness_samples} make "
+                             f"{pool} and {draw} batches of batch_size={context.batch_size}: nothing to draw. Raise "
+                             "fitness_pool or lower batch_size.")
     settings = search_settings(context, space, statistics, fitness_ids) if options.search_checkpoint else None
     handing_over = options.final_statistics == "search" and pruner.needs_calibration
     with work_folder(options.search_work_dir) as work:
@@ -218,7 +236,7 @@ def msp(context: AllocationContext) -> AllocationResult:
             overwrite=options.search_checkpoint_overwrite, offspring=options.offspring,
             # windows -> the fitness batches that hold them
             selection=[(-(-windows // context.batch_size), survivors) for windows, survivors in options.selection()],
-            refresh_every=options.statistics_refresh, refresh=refresh,
+            refresh_every=options.statistics_refresh, refresh=refresh, pool=pool, draw=draw,
         )
         best = search.run()
         search_seconds = time.perf_counter() - search_started
@@ -237,9 +255,11 @@ def msp(context: AllocationContext) -> AllocationResult:
         "population_size": options.population_size,
         "seed": context.seed,
         "granularity": options.granularity,
-        "best_fitness": fitness[best],
-        "fisher_fitness": fitness.get(seed_genome),
-        "uniform_fitness": fitness.get(space.uniform()),
+        # with a pool: the final comparison's values on the whole pool (the uniform plan is not in it)
+        "best_fitness": search.best_fitness,
+        "fisher_fitness": search.final_fitness.get(seed_genome) if pool else fitness.get(seed_genome),
+        "uniform_fitness": None if pool else fitness.get(space.uniform()),
+        "fitness_pool": options.fitness_pool,
         "history": search.state.history,
         "mean_history": search.state.mean_history,
         "offspring": search.offspring,
@@ -254,7 +274,9 @@ def msp(context: AllocationContext) -> AllocationResult:
         "search_seconds": round(search_seconds, 2),
         "search_cpu_seconds": round(search_cpu_seconds, 2),  # robust to other processes on the machine
         "refresh_seconds": round(refresh_seconds[0], 2),  # statistics passes of statistics_refresh, in search_seconds
-        "evaluations": len(fitness) + search.archived,  # full ones; screened ones apart
+        # full ones (with a pool, the elites' re-scorings too); screened ones and the finalists apart
+        "evaluations": search.state.scorings if pool else len(fitness) + search.archived,
+        "finalists": len(search.final_fitness),
         "screened": len(search._screened),
         "evaluations_this_run": search.new_evaluations,
         "blocks_run": evaluator.blocks_run,
@@ -264,7 +286,7 @@ def msp(context: AllocationContext) -> AllocationResult:
         "memory_mb": memory,  # what the search held (peak RSS also has the model, one block's statistics, slack)
     }
     logger.info("MSP search: best %s fitness %.5f (Fisher seed %s, uniform %s) after %d evaluations in %.0fs",
-                options.fitness, fitness[best], fitness.get(seed_genome), fitness.get(space.uniform()),
+                options.fitness, summary["best_fitness"], summary["fisher_fitness"], summary["uniform_fitness"],
                 report["evaluations"], search_seconds)
     summary["final_statistics"] = options.final_statistics
     return AllocationResult(space.targets(best), traces, blocks, search=summary, report=report,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -104,15 +104,17 @@ class BlockRunner:
     def forward_block(
         self, block: nn.Module, index: int, inputs: BlockInputs, hidden: List[torch.Tensor],
         on_batch: Optional[Callable[[int], None]] = None, keep: bool = True,
+        batches: Optional[Sequence[int]] = None,
     ) -> List[torch.Tensor]:
-        """Forward ``hidden`` (the first ``len(hidden)`` batches) through the onloaded ``block`` (number ``index``)
-        with the block's own captured arguments; return the outputs if ``keep``."""
+        """Forward ``hidden`` (the batches numbered ``batches``, by default the first ``len(hidden)``) through the
+        onloaded ``block`` (number ``index``) with the block's own captured arguments of those batches; return the
+        outputs if ``keep``."""
         outputs = []
-        for j in range(len(hidden)):
+        for j, batch in enumerate(range(len(hidden)) if batches is None else batches):
             if on_batch is not None:
                 on_batch(j)
             try:
-                out = block_output(self.call(block, index, inputs, hidden[j], j))
+                out = block_output(self.call(block, index, inputs, hidden[j], batch))
             except BlockDone:
                 if keep:
                     raise

@@ -253,6 +253,23 @@ def test_fitness_on_the_first_batches_only(evaluator_setup):
     assert value == pytest.approx(FitnessEvaluator(runner, space, bank, ids, kind="ppl")(genome), rel=1e-6)
 
 
+def test_fitness_on_drawn_windows_reuses_what_earlier_draws_computed(evaluator_setup):
+    _, space, runner, bank = evaluator_setup
+    ids = calibration_ids(4, 32, seed=11)
+    genome = space.quantize([0.5, 0.6, 0.7])
+    pool = FitnessEvaluator(runner, space, bank, ids, kind="ppl")
+    drawn = pool.evaluate([genome], windows=[1, 3])[0]
+    assert drawn == pytest.approx(FitnessEvaluator(runner, space, bank, ids[[1, 3]], kind="ppl")(genome), rel=1e-6)
+    before = pool.blocks_run
+    assert pool.evaluate([genome], windows=[3])[0] == pytest.approx(
+        FitnessEvaluator(runner, space, bank, ids[[3]], kind="ppl")(genome), rel=1e-6)
+    assert pool.blocks_run == before  # window 3's outputs of every block were cached by the first draw
+    pool.evaluate([genome], windows=[0, 3])
+    assert pool.blocks_run == before + len(runner.blocks)  # window 0 was never run: the plan runs again
+    with pytest.raises(ValueError, match="windows must name fitness batches in \\[0, 4\\)"):
+        pool.evaluate([genome], windows=[4])
+
+
 def test_memory_accounting_counts_what_the_search_holds(evaluator_setup):
     model, space, runner, shared_bank = evaluator_setup
     bank = WeightBank(shared_bank.pruner, shared_bank.modules, shared_bank.stats)  # empty
@@ -453,6 +470,99 @@ def test_multi_step_selection_same_seed_same_plan_and_resume(tmp_path):
     assert resumed.state.history == expected_search.state.history
 
 
+class _WindowedToy:
+    """A fitness over a pool of windows: the true objective plus a per-(genome, window) error that cancels over
+    the whole pool; ``lure`` plans look better than the seed on windows 0-2 and far worse on window 3."""
+
+    def __init__(self, optimum, pool=4, lure=None, seed_genome=None):
+        self.optimum, self.pool, self.lure, self.seed_genome = optimum, pool, lure, seed_genome
+        self.calls = []  # (genome, windows)
+
+    def true(self, genome):
+        return float(sum((g - o) ** 2 for g, o in zip(genome, self.optimum)))
+
+    def on_window(self, genome, window):
+        if self.lure is not None and genome != self.seed_genome:
+            return -100.0 if window < 3 else 1000.0
+        error = ((hash((genome, window)) % 7) - 3) * 2.0
+        return self.true(genome) + (error if window < self.pool - 1 else 0.0)
+
+    def evaluate(self, genomes, batches=None, on_block=None, windows=None):
+        windows = list(range(self.pool)) if windows is None else list(windows)
+        windows = windows[:batches] if batches else windows
+        values = []
+        for genome in genomes:
+            self.calls.append((genome, tuple(windows)))
+            values.append(sum(self.on_window(genome, w) for w in windows) / len(windows))
+        return values
+
+
+def _pooled_search(tmp_path=None, generations=6, toy=None, **options):
+    space = _space(MSPConfig(sparsity=0.6), units=10, numels=(100, 200))
+    toy = toy or _WindowedToy([(-1) ** i * (i % 3) for i in range(len(space))], pool=6)
+    checkpoint = str(tmp_path / "search.json") if tmp_path else None
+    search = EvolutionarySearch(space, toy, space.uniform(), population_size=6, generations=generations, seed=5,
+                                checkpoint=checkpoint, pool=toy.pool, draw=2, **options)
+    return search, toy
+
+
+def test_a_fitness_pool_scores_each_generation_and_its_elites_on_a_new_draw():
+    search, toy = _pooled_search(generations=8)
+    best = search.run()
+    per_generation = {}
+    for genome, windows in toy.calls:
+        per_generation.setdefault(windows, set()).add(genome)
+    draws = [w for w in dict.fromkeys(w for _, w in toy.calls) if len(w) == 2]
+    assert len(draws) > 3, "each generation draws its own windows"
+    assert all(len(set(w)) == 2 and set(w) <= set(range(6)) for w in draws)
+    # the population a generation ranks was scored on one draw: elites again beside the children
+    on_draws = [g for g, w in toy.calls if len(w) == 2]
+    assert len(on_draws) - len(set(on_draws)) >= 2 * search.generations, "the elites, scored again on each draw"
+    last_draw = toy.calls[-1 - len(search.final_fitness)][1]
+    assert all((g, last_draw) in toy.calls for g in search.state.population)
+    # the end: the final population's 3 best and the seed plan on the whole pool, the best of them returned
+    final = [(g, w) for g, w in toy.calls if len(w) == 6]
+    assert len(final) == len(search.final_fitness) == 4 and search.space.uniform() in search.final_fitness
+    assert best == min(search.final_fitness, key=search.final_fitness.get)
+    assert search.best_fitness == toy.evaluate([best])[0]
+    assert all(search.space.global_sparsity(g) == pytest.approx(0.6, abs=1e-12) for g, _ in toy.calls)
+    assert toy.true(best) < toy.true(search.space.uniform())
+    assert search.state.scorings == sum(1 for _, w in toy.calls if len(w) == 2)
+
+
+def test_a_fitness_pool_does_not_return_a_plan_that_only_fits_the_draws():
+    """Every plan but the seed beats it on windows 0-2 and loses on window 3: the draws favour them, the whole
+    pool does not, and the seed is returned."""
+    space = _space(MSPConfig(sparsity=0.6), units=10, numels=(100, 200))
+    toy = _WindowedToy([0] * len(space), pool=4, lure=True, seed_genome=space.uniform())
+    search, _ = _pooled_search(generations=6, toy=toy)
+    search.draw = 1
+    best = search.run()
+    assert search._ranked(search.state.population)[0] != space.uniform()  # the draws were fooled
+    assert best == space.uniform()
+
+
+def test_a_fitness_pool_same_seed_same_plan_and_resume(tmp_path):
+    expected_search, _ = _pooled_search(generations=5)
+    expected = expected_search.run()
+    again, _ = _pooled_search(generations=5)
+    assert again.run() == expected
+    first, _ = _pooled_search(tmp_path, generations=2)
+    first.run()
+    resumed, _ = _pooled_search(tmp_path, generations=5)
+    assert resumed.run() == expected
+    assert resumed.state.history == expected_search.state.history
+    assert resumed.final_fitness == expected_search.final_fitness
+
+
+def test_a_fitness_pool_is_validated():
+    with pytest.raises(ValueError, match="fitness_pool must be 0 \\(no pool\\) or more than fitness_samples \\(4\\)"):
+        MSPConfig(allocation="msp", fitness_samples=4, fitness_pool=4)
+    space = _space(MSPConfig(sparsity=0.6), units=4, numels=(100,))
+    with pytest.raises(ValueError, match="A fitness pool of 4 batches needs a draw of 1 to 3"):
+        EvolutionarySearch(space, lambda g: 0.0, space.uniform(), population_size=4, generations=1, pool=4, draw=4)
+
+
 def test_selection_steps_are_validated():
     with pytest.raises(ValueError, match="selection_steps: 'x' is not WINDOWS:SURVIVORS"):
         MSPConfig(allocation="msp", selection_steps="x")
@@ -575,11 +685,13 @@ def _nll(model, ids) -> float:
 
 @pytest.mark.parametrize("method, extra", [("wanda", {}), ("sparsegpt", {}),
                                            ("sparsegpt", {"statistics_refresh": 1}),
-                                           ("sparsegpt", {"search_statistics": "dense"})])
+                                           ("sparsegpt", {"search_statistics": "dense"}),
+                                           ("wanda", {"fitness_pool": 4}), ("sparsegpt", {"fitness_pool": 4})])
 def test_final_statistics_search_saves_the_model_the_search_scored(method, extra):
     from optimum_msp import MSPPruner
 
-    fitness_ids = calibration_ids(2, 16, seed=7)
+    # with a pool, the best fitness is measured on all of its windows
+    fitness_ids = calibration_ids(extra.get("fitness_pool", 2), 16, seed=7)
     scored = {}
     for final in ("search", "sequential"):
         pruner = MSPPruner(tiny_model("llama"))
@@ -590,6 +702,7 @@ def test_final_statistics_search_saves_the_model_the_search_scored(method, extra
         search = pruner.plan.search
         scored[final] = (search["best_fitness"], _nll(pruner.model, fitness_ids), search["levels"])
         assert search["final_statistics"] == final
+        assert search["fitness_pool"] == extra.get("fitness_pool", 0)
         assert pruner.plan.achieved_sparsity == pytest.approx(0.7, abs=1e-3)
     best, final_nll, levels = scored["search"]
     assert final_nll == pytest.approx(best, rel=1e-5)  # the saved model is the plan the search chose, as scored

@@ -12,7 +12,10 @@
   re-score those on more windows, and so on; only the last survivors get the full fitness and join the
   population (beside the elites, topped up from the old population when too few survive). Cheap screening lets a
   generation look at many plans without being fooled by a small sample at the end.
-* No genome is evaluated twice; randomness is drawn per generation from ``(seed, generation)``, and the
+* A fitness pool (``pool``, after EvoPress): each generation scores its children, and its elites again, on its
+  own draw of ``draw`` fitness batches out of ``pool``, so no plan stays on top for fitting one small sample; the
+  search ends by comparing the final population's best and the seed plan on the whole pool.
+* No genome is bred twice; randomness is drawn per generation from ``(seed, generation)``, and the
   state is saved after every generation, so an interrupted search resumes to the same result.
 * A checkpoint is keyed by the search's ``settings`` (everything that changes what it computes: model,
   data, options; see :func:`optimum_msp.allocation.msp.search_settings`). One written under other settings is
@@ -45,6 +48,7 @@ class SearchState:
     history: List[float] = field(default_factory=list)  # best fitness after each generation
     mean_history: List[float] = field(default_factory=list)  # the population's mean fitness after each generation
     refreshes: List[Genome] = field(default_factory=list)  # the plans the fitness was rebuilt around, in order
+    scorings: int = 0  # full fitness measurements, re-scorings of elites on a new draw of the pool included
 
     def to_json(self, settings: dict) -> str:
         return json.dumps({
@@ -52,7 +56,7 @@ class SearchState:
             "population": [list(g) for g in self.population],
             "fitness": [[list(g), f] for g, f in self.fitness.items()],
             "history": self.history, "mean_history": self.mean_history,
-            "refreshes": [list(g) for g in self.refreshes],
+            "refreshes": [list(g) for g in self.refreshes], "scorings": self.scorings,
         })
 
     @classmethod
@@ -67,7 +71,7 @@ class SearchState:
     def from_data(cls, data: dict) -> "SearchState":
         return cls(data["generation"], [tuple(g) for g in data["population"]],
                    {tuple(g): f for g, f in data["fitness"]}, list(data["history"]), list(data.get("mean_history", [])),
-                   [tuple(g) for g in data.get("refreshes", [])])
+                   [tuple(g) for g in data.get("refreshes", [])], int(data.get("scorings", len(data["fitness"]))))
 
 
 def _normalised(settings: dict) -> dict:
@@ -115,9 +119,15 @@ class EvolutionarySearch:
         selection: Sequence[Tuple[int, int]] = (),
         refresh_every: int = 0,
         refresh: Optional[Callable[[Genome], None]] = None,
+        pool: int = 0,
+        draw: int = 0,
+        finalists: int = 3,
     ):
         if population_size < 2:
             raise ValueError("population_size must be at least 2.")
+        if pool and not 0 < draw < pool:
+            raise ValueError(f"A fitness pool of {pool} batches needs a draw of 1 to {pool - 1} batches per "
+                             f"generation, got {draw}.")
         self.space = space
         self.fitness_fn = fitness
         self.seed_genome = tuple(seed_genome)
@@ -135,11 +145,15 @@ class EvolutionarySearch:
                                          seed_genome=list(self.seed_genome), elite=self.elite,
                                          tournament=tournament, crossover_rate=crossover_rate,
                                          offspring=self.offspring, selection=self.selection,
-                                         refresh_every=refresh_every))
+                                         refresh_every=refresh_every, pool=pool, draw=draw,
+                                         finalists=finalists if pool else 0))
         if refresh_every and refresh is None:
             raise ValueError("refresh_every needs a refresh function that rebuilds the fitness around a plan.")
         self.refresh_every = refresh_every
         self.refresh = refresh
+        self.pool, self.draw, self.finalists = pool, draw, finalists
+        self._windows: Optional[List[int]] = None  # the fitness batches of the current draw (None: all of them)
+        self.final_fitness: Dict[Genome, float] = {}  # with a pool: the finalists' fitness on the whole pool
         self._screened: Dict[Tuple[Genome, int], float] = {}  # partial fitness per (genome, batches), this run only
         self.state = SearchState()
         self.new_evaluations = 0
@@ -148,6 +162,13 @@ class EvolutionarySearch:
     # ------------------------------------------------------------------------------------------ moves
     def _rng(self, generation: int) -> random.Random:
         return random.Random(self.seed * 1_000_003 + generation)
+
+    def _draw(self, epoch: int) -> Optional[List[int]]:
+        """The fitness batches of ``epoch`` (0: the initial population, g + 1: generation g), drawn from the pool on
+        a stream of their own, so the breeding stays what it is without a pool; ``None`` without a pool."""
+        if not self.pool:
+            return None
+        return sorted(random.Random(f"fitness-draw/{self.seed}/{epoch}").sample(range(self.pool), self.draw))
 
     def mutate(self, genome: Genome, rng: random.Random, moves: int = 1) -> Genome:
         """Budget-preserving moves: one unit one level up, another of the same group one level down."""
@@ -191,14 +212,16 @@ class EvolutionarySearch:
         return ranked[min(contenders)]  # ranked best first
 
     # ---------------------------------------------------------------------------------------- running
-    def _score(self, genomes: Sequence[Genome], progress=None, batches: Optional[int] = None) -> List[float]:
+    def _score(self, genomes: Sequence[Genome], progress=None, batches: Optional[int] = None,
+               everything: bool = False) -> List[float]:
         """Fitness of ``genomes`` (all at once when the fitness can: block-major, see
-        :meth:`FitnessEvaluator.evaluate`), on the first ``batches`` fitness batches when given; the progress bar
-        moves block by block."""
+        :meth:`FitnessEvaluator.evaluate`) on the current draw of the pool (without a pool, or with ``everything``:
+        on every fitness batch), its first ``batches`` when given; the progress bar moves block by block."""
         evaluate_many = getattr(self.fitness_fn, "evaluate", None)
         if evaluate_many is None:
-            if batches is not None:
-                raise ValueError("multi-step selection needs a fitness with evaluate(genomes, batches=...)")
+            if batches is not None or self.pool:
+                raise ValueError("multi-step selection and a fitness pool need a fitness with "
+                                 "evaluate(genomes, batches=..., windows=...)")
             values = []
             for genome in genomes:
                 values.append(self.fitness_fn(genome))
@@ -214,6 +237,8 @@ class EvolutionarySearch:
                 shown[0] = reached
 
         options = {} if batches is None else {"batches": batches}
+        if self._windows is not None and not everything:
+            options["windows"] = self._windows
         # under several processes each scores a share (genomes sorted, so shared prefixes stay on one process and
         # its cache of block outputs serves them); every process then holds every value and breeds alike
         genomes = list(genomes)
@@ -224,14 +249,15 @@ class EvolutionarySearch:
             progress.update(len(genomes) - shown[0])
         return values
 
-    def _evaluate(self, population: Sequence[Genome], progress=None) -> None:
-        """Give every genome of ``population`` not scored yet its full fitness."""
-        new = [g for g in dict.fromkeys(population) if g not in self.state.fitness]
+    def _evaluate(self, population: Sequence[Genome], progress=None, again: bool = False) -> None:
+        """Give every genome of ``population`` not scored yet (with ``again``: every one) its full fitness."""
+        new = [g for g in dict.fromkeys(population) if again or g not in self.state.fitness]
         if not new:
             return
         for genome, value in zip(new, self._score(new, progress)):
             self.state.fitness[genome] = value
         self.new_evaluations += len(new)
+        self.state.scorings += len(new)
         if progress is not None:
             progress.set_postfix(best=f"{min(self.state.fitness.values()):.4f}")
 
@@ -252,7 +278,8 @@ class EvolutionarySearch:
         for _batches, survivors in self.selection:
             counts.append(alive)
             alive = min(alive, survivors)
-        return sum(counts) + min(alive, self.population_size - self.elite)
+        elites = self.elite if self.pool else 0  # scored again on each draw
+        return sum(counts) + min(alive, self.population_size - self.elite) + elites
 
     def _ranked(self, population: Sequence[Genome]) -> List[Genome]:
         return sorted(set(population), key=lambda g: (self.state.fitness[g], g))
@@ -316,14 +343,18 @@ class EvolutionarySearch:
         # one step per scoring, from the first one: the initial population alone can take many minutes
         per_generation = self._per_generation()
         refreshes = (self.generations - 1) // self.refresh_every if self.refresh_every else 0
-        progress = hf_logging.tqdm(total=self.population_size * (1 + refreshes) + self.generations * per_generation,
-                                   desc="MSP search (evaluations)", disable=not hf_logging.is_progress_bar_enabled())
+        finalists = self.finalists + 1 if self.pool else 0
+        progress = hf_logging.tqdm(total=self.population_size * (1 + refreshes) + self.generations * per_generation
+                                   + finalists, desc="MSP search (evaluations)",
+                                   disable=not hf_logging.is_progress_bar_enabled())
         if self._resume():
             progress.update(min(progress.total, self.population_size + self.state.generation * per_generation))
+            self._windows = self._draw(self.state.generation)
             if self.state.refreshes:  # the fitness the saved values were measured with
                 self.refresh(self.state.refreshes[-1])
         else:
             self.state = SearchState(population=self.initial_population())
+            self._windows = self._draw(0)
             self._evaluate(self.state.population, progress)
             self._save()
         while self.state.generation < self.generations:
@@ -331,6 +362,9 @@ class EvolutionarySearch:
             rng = self._rng(generation)
             ranked = self._ranked(self.state.population)
             elites = list(ranked[: self.elite])
+            if self.pool:  # a new draw: the elites are scored again on it, next to the children
+                self._windows = self._draw(generation + 1)
+                self._screened.clear()
             children: List[Genome] = []
             attempts = 0
             while len(children) < self.offspring and attempts < 50 * self.offspring:
@@ -342,13 +376,15 @@ class EvolutionarySearch:
                     continue  # never evaluate a genome twice
                 children.append(child)
             survivors = self._screen(children, progress)[: self.population_size - self.elite]
-            self._evaluate(survivors, progress)
             next_population = elites + survivors
             for genome in ranked[self.elite:]:  # too few survivors: the old population's next best stay
                 if len(next_population) >= self.population_size:
                     break
                 if genome not in next_population:
                     next_population.append(genome)
+            self._evaluate(survivors, progress)
+            if self.pool:  # every member on this generation's draw, so that ranking them compares like with like
+                self._evaluate([g for g in next_population if g not in survivors], progress, again=True)
             self.state.population = next_population
             self.state.generation += 1
             best = self._ranked(next_population)[0]
@@ -360,8 +396,18 @@ class EvolutionarySearch:
                 self._refresh(best, progress)
             self._save()
             progress.set_postfix(best=f"{self.state.fitness[best]:.4f}", generation=self.state.generation)
+        if self.pool:
+            self._final(progress)
         progress.close()
         return self.best
+
+    def _final(self, progress=None) -> None:
+        """With a pool: the final population's ``finalists`` best (on the last draw) and the seed plan, compared on
+        every batch of the pool; the best of them is the search's result."""
+        candidates = list(dict.fromkeys(self._ranked(self.state.population)[: self.finalists]
+                                        + [self.seed_genome]))
+        values = self._score(candidates, progress, everything=True)
+        self.final_fitness = dict(zip(candidates, values))
 
     def _refresh(self, best: Genome, progress=None) -> None:
         """Rebuild the fitness around ``best`` (e.g. the bank's statistics gathered with it), then score the
@@ -376,4 +422,13 @@ class EvolutionarySearch:
 
     @property
     def best(self) -> Genome:
+        if self.final_fitness:
+            return min(self.final_fitness, key=lambda g: (self.final_fitness[g], g))
+        if self.pool:  # values of different draws do not compare: the current population's best on its draw
+            return self._ranked(self.state.population)[0]
         return min(self.state.fitness, key=lambda g: (self.state.fitness[g], g))
+
+    @property
+    def best_fitness(self) -> float:
+        """The fitness of :attr:`best` (with a pool: on the whole pool)."""
+        return (self.final_fitness or self.state.fitness)[self.best]

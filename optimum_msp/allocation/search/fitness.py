@@ -12,8 +12,10 @@ Four savings make hundreds of evaluations affordable:
 * the model's own head (final norm, ``lm_head``) is run by replaying cached block outputs through the
   model's forward, which keeps this architecture-agnostic.
 
-A fitness may be measured on the first ``batches`` fitness batches only (the search's multi-step selection scores
-many candidates on few tokens and the best on all of them).
+A fitness may be measured on some of the fitness batches only: the first ``batches`` (the search's multi-step
+selection scores many candidates on few tokens and the best on all of them), or the batches ``windows`` names (a
+search with a fitness pool scores each generation on its own draw of windows). Cached block outputs are kept per
+batch, so a draw reuses whatever earlier draws computed for the same plan prefix and batch.
 """
 
 from __future__ import annotations
@@ -59,11 +61,13 @@ class FitnessEvaluator:
         count = len(runner.blocks)
         # genome entries that decide blocks 0..b: the cache key of block b's output
         self._prefix_end = [sum(1 for ub in space.unit_blocks if ub <= b) for b in range(count)]
-        self._cache: "OrderedDict[Tuple, Hidden]" = OrderedDict()
+        # (block, genome prefix) -> {batch: that block's output}, least recently used first
+        self._cache: "OrderedDict[Tuple, Dict[int, torch.Tensor]]" = OrderedDict()
         self._batch_bytes = [h.numel() * h.element_size() for h in self.inputs.hidden]
         self._entry_bytes = sum(self._batch_bytes)
-        self._cache_entries = max(count, cache_bytes // max(self._entry_bytes, 1))
-        self._cache_peak_entries = 0
+        # at most cache_bytes, but always one plan's outputs of every block: the plan just run stays reusable
+        self._cache_limit, self._cache_floor = cache_bytes, count
+        self._cache_bytes = self._cache_peak_bytes = 0
         self._working_peak_bytes = 0
         self.blocks_run = 0
         self.evaluations = 0
@@ -78,7 +82,7 @@ class FitnessEvaluator:
         (``kl`` fitness only)."""
         return {
             "fitness_inputs": self._entry_bytes,
-            "hidden_cache_peak": self._cache_peak_entries * self._entry_bytes,
+            "hidden_cache_peak": self._cache_peak_bytes,
             "generation_hidden_peak": self._working_peak_bytes,
             "reference_logprobs": sum(r.numel() * r.element_size() for r in self.reference or ()),
         }
@@ -93,13 +97,15 @@ class FitnessEvaluator:
         return hidden
 
     @torch.no_grad()
-    def _logits(self, final_hidden: Hidden) -> List[torch.Tensor]:
-        """Run the model's head on cached last-block outputs (see :meth:`BlockRunner.head`)."""
-        return [self.runner.head(hidden, self.batches[j]).logits.float() for j, hidden in enumerate(final_hidden)]
+    def _logits(self, final_hidden: Hidden, batches: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+        """Run the model's head on cached last-block outputs of ``batches`` (default: the first ones; see
+        :meth:`BlockRunner.head`)."""
+        batches = range(len(final_hidden)) if batches is None else batches
+        return [self.runner.head(hidden, self.batches[j]).logits.float() for j, hidden in zip(batches, final_hidden)]
 
-    def _loss(self, logits: List[torch.Tensor]) -> float:
+    def _loss(self, logits: List[torch.Tensor], batches: Optional[Sequence[int]] = None) -> float:
         total, count = 0.0, 0
-        for j, batch_logits in enumerate(logits):
+        for j, batch_logits in zip(range(len(logits)) if batches is None else batches, logits):
             ids = self.batches[j]
             if self.kind == "ppl":
                 loss = F.cross_entropy(batch_logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten().to(batch_logits.device),
@@ -115,22 +121,25 @@ class FitnessEvaluator:
     def _key(self, block: int, genome: Genome) -> Tuple:
         return (block, tuple(genome[: self._prefix_end[block]]))
 
-    def _cached(self, key: Tuple, batches: int) -> Optional[Hidden]:
-        hidden = self._cache.get(key)
-        if hidden is None or len(hidden) < batches:
+    def _cached(self, key: Tuple, batches: Sequence[int]) -> Optional[Hidden]:
+        """The cached outputs of ``batches`` under ``key``, when all of them are there."""
+        known = self._cache.get(key)
+        if known is None or any(j not in known for j in batches):
             return None
         self._cache.move_to_end(key)
-        return hidden[:batches]
+        return [known[j] for j in batches]
 
-    def _remember(self, key: Tuple, hidden: Hidden) -> None:
-        known = self._cache.get(key)
-        if known is not None and len(known) >= len(hidden):
-            return
-        self._cache[key] = hidden
+    def _remember(self, key: Tuple, batches: Sequence[int], hidden: Hidden) -> None:
+        known = self._cache.setdefault(key, {})
+        for j, output in zip(batches, hidden):
+            if j not in known:
+                known[j] = output
+                self._cache_bytes += self._batch_bytes[j]
         self._cache.move_to_end(key)
-        while len(self._cache) > self._cache_entries:
-            self._cache.popitem(last=False)
-        self._cache_peak_entries = max(self._cache_peak_entries, len(self._cache))
+        while self._cache_bytes > self._cache_limit and len(self._cache) > self._cache_floor:
+            _, dropped = self._cache.popitem(last=False)
+            self._cache_bytes -= sum(self._batch_bytes[j] for j in dropped)
+        self._cache_peak_bytes = max(self._cache_peak_bytes, self._cache_bytes)
 
     def _weights(self, block: int, genome: Genome) -> Dict[torch.nn.Module, torch.Tensor]:
         weights = {}
@@ -143,15 +152,22 @@ class FitnessEvaluator:
     def reset(self) -> None:
         """Forget the cached block outputs (after the bank changed: they were computed with its old weights)."""
         self._cache.clear()
+        self._cache_bytes = 0
 
     # ---------------------------------------------------------------------------------------- evaluating
     @torch.no_grad()
-    def evaluate(self, genomes: Sequence[Genome], batches: Optional[int] = None, on_block=None) -> List[float]:
-        """The fitness of each genome on the first ``batches`` fitness batches (all by default), block-major.
+    def evaluate(self, genomes: Sequence[Genome], batches: Optional[int] = None, on_block=None,
+                 windows: Optional[Sequence[int]] = None) -> List[float]:
+        """The fitness of each genome, block-major, on the fitness batches numbered ``windows`` (all by default), or
+        the first ``batches`` of them.
 
         ``on_block(done, total)`` is called after each block with the blocks run so far for this call.
         """
-        batches = len(self.batches) if batches is None else max(1, min(batches, len(self.batches)))
+        chosen = list(range(len(self.batches))) if windows is None else list(windows)
+        if not chosen or any(not 0 <= j < len(self.batches) for j in chosen):
+            raise ValueError(f"windows must name fitness batches in [0, {len(self.batches)}), got {windows!r}.")
+        if batches is not None:
+            chosen = chosen[: max(1, batches)]
         count = len(self.runner.blocks)
         distinct = list(dict.fromkeys(tuple(g) for g in genomes))
         # where each genome starts: after its longest cached prefix (whose output enters there)
@@ -161,11 +177,11 @@ class FitnessEvaluator:
             start[genome] = 0
             for block in range(count - 1, -1, -1):
                 key = self._key(block, genome)
-                hit = self._cached(key, batches)
+                hit = self._cached(key, chosen)
                 if hit is not None:
                     start[genome], entering[key] = block + 1, hit
                     break
-        initial = list(self.inputs.hidden[:batches])
+        initial = [self.inputs.hidden[j] for j in chosen]
         previous: Dict[Tuple, Hidden] = {}  # outputs of the last block run, per prefix key
         final: Dict[Genome, Hidden] = {g: entering[self._key(count - 1, g)] for g in distinct if start[g] == count}
         first = min(start.values(), default=count)
@@ -183,14 +199,15 @@ class FitnessEvaluator:
                         parent = self._key(block - 1, genome)
                         hidden = previous[parent] if parent in previous else entering[parent]
                     with substituted(self._weights(block, genome)):
-                        outputs[key] = self.runner.forward_block(module, block, self.inputs, hidden)
+                        outputs[key] = self.runner.forward_block(module, block, self.inputs, hidden,
+                                                                 batches=chosen)
                     self.blocks_run += 1
-                    self._remember(key, outputs[key])
+                    self._remember(key, chosen, outputs[key])
             previous = outputs
             # bank entries and hidden states of one block churn through the heap; give freed pages back so the
             # process's footprint follows what is alive (glibc keeps freed blocks of this size otherwise)
             trim_heap()
-            alive = len(previous) * sum(self._batch_bytes[:batches])
+            alive = len(previous) * sum(self._batch_bytes[j] for j in chosen)
             self._working_peak_bytes = max(self._working_peak_bytes, alive)
             if on_block is not None:
                 on_block(block - first + 1, count - first)
@@ -199,7 +216,7 @@ class FitnessEvaluator:
                 final[genome] = previous[self._key(count - 1, genome)]
         values = {}
         for genome in distinct:
-            value = self._loss(self._logits(final[genome]))
+            value = self._loss(self._logits(final[genome], chosen), chosen)
             values[genome] = value if math.isfinite(value) else float("inf")
             self.evaluations += 1
         return [values[tuple(g)] for g in genomes]
