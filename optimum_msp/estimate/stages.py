@@ -367,15 +367,16 @@ class _Terms:
         p.add("device", "layer fp32 working copies (a bank entry)", 3 * s.largest_linear * 4)
         if not self.pruner.updates_weights:  # a masked weight built for the forward
             p.add("device", "candidate weight of one layer", s.largest_linear * (4 + self.w))
-        entry = o["fitness_samples"] * o["fitness_seqlen"] * s.hidden * self.w
+        entry = o["fitness_samples"] * o["fitness_seqlen"] * s.hidden * self.w  # one plan's outputs of one block
+        windows = o.get("fitness_pool") or o["fitness_samples"]  # a pool's windows are all captured
         cache = min(o["search_cache_mb"] << 20, o["population_size"] * (o["generations"] + 1) * s.layers * entry)
         p.add("device", "hidden-state cache (search_cache_mb)", cache)
-        p.add("device", "fitness windows' block inputs", entry)
+        p.add("device", "fitness windows' block inputs", windows * o["fitness_seqlen"] * s.hidden * self.w)
         p.add("device", "one generation's hidden states", o["population_size"] * entry)
         p.add("device", "one batch through a block", self.window(o["fitness_seqlen"], o["batch_size"]))
-        tokens = o["fitness_samples"] * o["fitness_seqlen"]
-        p.add(self.head, "fitness logits", tokens * s.vocab * 4 + o["batch_size"] * o["fitness_seqlen"] * s.vocab
-              * (self.w + 4))
+        tokens = windows * o["fitness_seqlen"]
+        # allocation/search/fitness.py: the loss is taken batch by batch, one batch's logits alive
+        p.add(self.head, "fitness logits (one batch)", o["batch_size"] * o["fitness_seqlen"] * s.vocab * (self.w + 8))
         if o["fitness"] == "kl":
             p.add(self.head, "dense reference log-probabilities", tokens * s.vocab * 4)
         if self.gpu:

@@ -340,13 +340,15 @@ def _msp_run(checkpoint, model_seed=0, calibration_seed=0, **overrides):
     settings.update(overrides)
     pruner = MSPPruner(tiny_model("llama", seed=model_seed))
     pruner.prune(MSPConfig(**settings), calibration=calibration_ids(4, 32, seed=calibration_seed),
-                 fitness_ids=calibration_ids(settings["fitness_samples"], settings["fitness_seqlen"], seed=7))
+                 fitness_ids=calibration_ids(settings.get("fitness_pool") or settings["fitness_samples"],
+                                             settings["fitness_seqlen"], seed=7))
     return pruner
 
 
 @pytest.mark.parametrize("change, differing", [
     (dict(fitness_samples=4), "options.fitness_samples"),
     (dict(fitness_seqlen=24), "options.fitness_seqlen"),
+    (dict(fitness_pool=3), "options.fitness_pool"),
     (dict(level_step=0.05), "options.level_step"),
     (dict(max_deviation=0.1), "options.max_deviation"),
     (dict(granularity="layer"), "options.granularity"),

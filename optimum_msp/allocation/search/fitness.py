@@ -20,9 +20,10 @@ batch, so a draw reuses whatever earlier draws computed for the same plan prefix
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -103,9 +104,11 @@ class FitnessEvaluator:
         batches = range(len(final_hidden)) if batches is None else batches
         return [self.runner.head(hidden, self.batches[j]).logits.float() for j, hidden in zip(batches, final_hidden)]
 
-    def _loss(self, logits: List[torch.Tensor], batches: Optional[Sequence[int]] = None) -> float:
+    def _loss(self, logits: Iterable[torch.Tensor], batches: Optional[Sequence[int]] = None) -> float:
+        """Mean per-token loss over ``logits`` of ``batches`` (default: the first ones); ``logits`` may be lazy,
+        so that one batch's logits are alive at a time."""
         total, count = 0.0, 0
-        for j, batch_logits in zip(range(len(logits)) if batches is None else batches, logits):
+        for j, batch_logits in zip(itertools.count() if batches is None else batches, logits):
             ids = self.batches[j]
             if self.kind == "ppl":
                 loss = F.cross_entropy(batch_logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten().to(batch_logits.device),
@@ -216,7 +219,9 @@ class FitnessEvaluator:
                 final[genome] = previous[self._key(count - 1, genome)]
         values = {}
         for genome in distinct:
-            value = self._loss(self._logits(final[genome], chosen), chosen)
+            # one batch's logits at a time: a whole pool's would be tokens x vocabulary floats
+            logits = (self.runner.head(hidden, self.batches[j]).logits.float() for j, hidden in zip(chosen, final[genome]))
+            value = self._loss(logits, chosen)
             values[genome] = value if math.isfinite(value) else float("inf")
             self.evaluations += 1
         return [values[tuple(g)] for g in genomes]
