@@ -37,6 +37,8 @@ PRESETS = {
     "quality": dict(fitness_samples=8, generations=12, offspring=16, selection_steps="2:6,4:3"),
     # each generation on its own 4 of 16 held-out windows, the finalists on all 16 (fitness_pool)
     "pool": dict(fitness_pool=16),
+    # the same tokens per draw and pool in longer windows (the test windows are 2048 tokens long)
+    "pool-long": dict(fitness_pool=8, fitness_samples=2, fitness_seqlen=512),
 }
 
 
