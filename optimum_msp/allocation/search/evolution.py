@@ -258,7 +258,7 @@ class EvolutionarySearch:
             self.state.fitness[genome] = value
         self.new_evaluations += len(new)
         self.state.scorings += len(new)
-        if progress is not None:
+        if progress is not None and not self.pool:  # with a pool, values of different draws do not compare
             progress.set_postfix(best=f"{min(self.state.fitness.values()):.4f}")
 
     def _screen(self, children: List[Genome], progress=None) -> List[Genome]:
