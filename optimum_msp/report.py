@@ -241,9 +241,14 @@ def render_report(folder: Union[str, os.PathLike]) -> str:
     if plan.search:
         search = plan.search
         lines += ["", "## Search", ""]
-        keys = ("fitness", "population_size", "generations", "granularity", "statistics", "best_fitness",
-                "fisher_fitness", "uniform_fitness")
-        lines += _table(["", ""], [(key, _number(search[key])) for key in keys if key in search])
+        keys = ("fitness", "population_size", "generations", "granularity", "statistics", "fitness_pool",
+                "best_fitness", "fisher_fitness", "uniform_fitness")
+        # a pool's search reports its final values on the whole pool and no uniform value; no pool, no row
+        lines += _table(["", ""], [(key, _number(search[key])) for key in keys
+                                   if search.get(key) is not None and not (key == "fitness_pool" and not search[key])])
+        if search.get("fitness_pool"):
+            lines += ["", f"Best and Fisher fitness on all {search['fitness_pool']} pool windows; the history below "
+                          "is on each generation's own draw."]
         history, means = list(search.get("history") or []), list(search.get("mean_history") or [])
         if history:
             has_mean = len(means) == len(history)

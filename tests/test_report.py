@@ -109,3 +109,19 @@ def test_update_card_replaces_the_same_measurement_and_keeps_the_others(tmp_path
     after = (folder / "report.md").read_text()
     assert "| 42 |" in after and "| 60 |" in after and "| 50 |" in before and "| 50 |" not in after
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # nothing left half-written
+
+
+def test_the_search_section_says_what_a_pool_search_measured(tmp_path):
+    config = dict(method="wanda", sparsity=0.6, allocation="msp", population_size=4, generations=2,
+                  fisher_samples=2, fitness_samples=2, fitness_seqlen=16)
+    texts = {}
+    for pool in (0, 4):
+        pruner = MSPPruner(tiny_model("llama"))
+        pruner.prune(MSPConfig(**config, fitness_pool=pool), calibration=calibration_ids(),
+                     fitness_ids=calibration_ids(pool or 2, 16, seed=7))
+        pruner.save_pretrained(tmp_path / f"pool{pool}", plot=False)
+        text = render_report(tmp_path / f"pool{pool}")
+        texts[pool] = text[text.index("## Search"):].split("\n## ")[0]
+    assert "| uniform_fitness |" in texts[0] and "fitness_pool" not in texts[0]
+    assert "| fitness_pool | 4 |" in texts[4] and "| uniform_fitness |" not in texts[4]
+    assert "on all 4 pool windows" in texts[4]
