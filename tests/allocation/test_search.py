@@ -460,18 +460,6 @@ def test_multi_step_selection_keeps_the_best_screened_children():
     assert [g for g, b in toy.calls if b == 2] == kept
 
 
-def test_multi_step_selection_same_seed_same_plan_and_resume(tmp_path):
-    expected_search, _ = _screened_search(generations=5)
-    expected = expected_search.run()
-    again, _ = _screened_search(generations=5)
-    assert again.run() == expected
-    first, _ = _screened_search(tmp_path, generations=2)
-    first.run()
-    resumed, _ = _screened_search(tmp_path, generations=5)
-    assert resumed.run() == expected
-    assert resumed.state.history == expected_search.state.history
-
-
 class _WindowedToy:
     """A fitness over a pool of windows: the true objective plus a per-(genome, window) error that cancels over
     the whole pool; ``lure`` plans look better than the seed on windows 0-2 and far worse on window 3."""
@@ -544,14 +532,15 @@ def test_a_fitness_pool_does_not_return_a_plan_that_only_fits_the_draws():
     assert best == space.uniform()
 
 
-def test_a_fitness_pool_same_seed_same_plan_and_resume(tmp_path):
-    expected_search, _ = _pooled_search(generations=5)
+@pytest.mark.parametrize("build", [_screened_search, _pooled_search], ids=["multi-step selection", "fitness pool"])
+def test_same_seed_same_plan_and_resume_with_screening_or_a_pool(tmp_path, build):
+    expected_search, _ = build(generations=5)
     expected = expected_search.run()
-    again, _ = _pooled_search(generations=5)
+    again, _ = build(generations=5)
     assert again.run() == expected
-    first, _ = _pooled_search(tmp_path, generations=2)
+    first, _ = build(tmp_path, generations=2)
     first.run()
-    resumed, _ = _pooled_search(tmp_path, generations=5)
+    resumed, _ = build(tmp_path, generations=5)
     assert resumed.run() == expected
     assert resumed.state.history == expected_search.state.history
     assert resumed.final_fitness == expected_search.final_fitness
