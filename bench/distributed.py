@@ -60,13 +60,19 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     apply.SPLIT_LAYERS = not args.no_split
     final = Timer()
-    timed = pruner_module.apply_targets
+    final.wall = final.cpu = 0.0
 
-    def apply_targets(*positional, **keywords):  # the final prune stage (statistics passes call it elsewhere)
-        with final:
-            return timed(*positional, **keywords)
+    def timing(function):  # the final prune stage (statistics passes call apply_targets elsewhere)
+        def timed(*positional, **keywords):
+            with Timer() as once:
+                result = function(*positional, **keywords)
+            final.wall, final.cpu = final.wall + once.wall, final.cpu + once.cpu
+            return result
+        return timed
 
-    pruner_module.apply_targets = apply_targets
+    # sequential (apply_targets), or after an MSP search with its statistics (prune_with_statistics)
+    pruner_module.apply_targets = timing(pruner_module.apply_targets)
+    pruner_module.prune_with_statistics = timing(pruner_module.prune_with_statistics)
     load_before = os.getloadavg()
     config = _config(args, args.worker)
     pruner = MSPPruner.from_pretrained(args.model)
