@@ -241,11 +241,12 @@ def render_report(folder: Union[str, os.PathLike]) -> str:
     if plan.search:
         search = plan.search
         lines += ["", "## Search", ""]
-        keys = ("fitness", "population_size", "generations", "granularity", "statistics", "fitness_pool",
-                "best_fitness", "fisher_fitness", "uniform_fitness")
-        # a pool's search reports its final values on the whole pool and no uniform value; no pool, no row
-        lines += _table(["", ""], [(key, _number(search[key])) for key in keys
-                                   if search.get(key) is not None and not (key == "fitness_pool" and not search[key])])
+        keys = ["fitness", "population_size", "generations", "granularity", "statistics", "fitness_pool",
+                "best_fitness", "fisher_fitness", "uniform_fitness"]
+        if not search.get("fitness_pool"):  # no pool, no row
+            keys.remove("fitness_pool")
+        # a pool's search reports its final values on the whole pool, and no uniform value
+        lines += _table(["", ""], [(key, _number(search[key])) for key in keys if search.get(key) is not None])
         if search.get("fitness_pool"):
             lines += ["", f"Best and Fisher fitness on all {search['fitness_pool']} pool windows; the history below "
                           "is on each generation's own draw."]

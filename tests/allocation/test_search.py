@@ -185,7 +185,7 @@ def test_the_search_never_writes_the_model(evaluator_setup):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all("forward" not in module.__dict__ for module in bank.modules.values())  # nothing left shadowed
     # and the substitution really took effect: the dense model's loss is another number
-    assert evaluator._loss(evaluator._logits(evaluator._run_dense())) != pytest.approx(pruned, rel=1e-4)
+    assert evaluator._loss(evaluator._each_logits(evaluator._run_dense())) != pytest.approx(pruned, rel=1e-4)
 
 
 def test_bank_of_a_masking_pruner_stores_masks_and_gives_the_pruners_weights(evaluator_setup):
@@ -324,7 +324,7 @@ def test_fitness_matches_the_model_when_blocks_differ_by_layer_type():
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
 
     evaluator = FitnessEvaluator(runner, space, bank, ids, kind="ppl")
-    dense = evaluator._loss(evaluator._logits(evaluator._run_dense()))
+    dense = evaluator._loss(evaluator._each_logits(evaluator._run_dense()))
     assert dense == pytest.approx(model_loss(), rel=1e-5)
     genome = space.quantize([0.5 + 0.04 * (i % 5) for i in range(len(space))])
     value = evaluator(genome)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ class FitnessEvaluator:
         self.reference: Optional[List[torch.Tensor]] = None
         if kind == "kl":
             # fp32: KL is a small difference of log-probabilities, bf16 would swamp it
-            self.reference = [F.log_softmax(l, dim=-1) for l in self._logits(self._run_dense())]
+            self.reference = [F.log_softmax(l, dim=-1) for l in self._each_logits(self._run_dense())]
 
     def nbytes(self) -> Dict[str, int]:
         """Memory held: the block inputs of the fitness windows, the peak of the prefix cache of block outputs,
@@ -98,11 +98,13 @@ class FitnessEvaluator:
         return hidden
 
     @torch.no_grad()
-    def _logits(self, final_hidden: Hidden, batches: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+    def _each_logits(self, final_hidden: Hidden, batches: Optional[Sequence[int]] = None) -> Iterator[torch.Tensor]:
         """Run the model's head on cached last-block outputs of ``batches`` (default: the first ones; see
-        :meth:`BlockRunner.head`)."""
+        :meth:`BlockRunner.head`), one batch at a time: a whole pool's logits would be tokens x vocabulary floats."""
         batches = range(len(final_hidden)) if batches is None else batches
-        return [self.runner.head(hidden, self.batches[j]).logits.float() for j, hidden in zip(batches, final_hidden)]
+        for j, hidden in zip(batches, final_hidden):
+            yield self.runner.head(hidden, self.batches[j]).logits.float()
+
 
     def _loss(self, logits: Iterable[torch.Tensor], batches: Optional[Sequence[int]] = None) -> float:
         """Mean per-token loss over ``logits`` of ``batches`` (default: the first ones); ``logits`` may be lazy,
@@ -219,9 +221,7 @@ class FitnessEvaluator:
                 final[genome] = previous[self._key(count - 1, genome)]
         values = {}
         for genome in distinct:
-            # one batch's logits at a time: a whole pool's would be tokens x vocabulary floats
-            logits = (self.runner.head(hidden, self.batches[j]).logits.float() for j, hidden in zip(chosen, final[genome]))
-            value = self._loss(logits, chosen)
+            value = self._loss(self._each_logits(final[genome], chosen), chosen)
             values[genome] = value if math.isfinite(value) else float("inf")
             self.evaluations += 1
         return [values[tuple(g)] for g in genomes]
