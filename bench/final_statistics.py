@@ -48,7 +48,7 @@ def run_cell(args) -> None:
     from optimum_msp.allocation import ALLOCATORS, AllocationContext
     from optimum_msp.allocation.msp import search_statistics
     from optimum_msp.allocation.statistics import dense_layer_statistics, seeded_layer_statistics
-    from optimum_msp.apply import apply_targets, prune_layer
+    from optimum_msp.apply import apply_targets, prune_with_statistics
     from optimum_msp.modeling.blocks import select_linears
     from optimum_msp.modeling.sequential import BlockRunner
     from optimum_msp.modeling.weights import WeightSnapshot
@@ -87,8 +87,7 @@ def run_cell(args) -> None:
     def search_prune(plan):  # the bank's statistics, read back from the statistics cache: no forward pass
         stats = (dense_layer_statistics(context, method_pruner.new_statistics) if kind == "dense"
                  else seeded_layer_statistics(context, fisher.targets))
-        for name, module in modules.items():
-            prune_layer(module, method_pruner, stats[name], plan[name], runner.device, name)
+        prune_with_statistics(runner, layers, plan, method_pruner, stats)  # as the library's final prune does
 
     def sequential_prune(plan):
         apply_targets(runner, layers, plan, method_pruner, data.ids, config.batch_size)
