@@ -11,6 +11,7 @@ own windows:
 
     python bench/final_statistics.py --threads 1 --cell wanda:0.75 --seed 0
     python bench/final_statistics.py --threads 1 --cell sparsegpt:0.75 --seed 0
+    python bench/final_statistics.py --threads 1 --cell wanda:3:8 --seed 0      # mixed N:M, 3 of 8 on average
     python bench/final_statistics.py --table
     python bench/final_statistics.py --seeds-table   # mean (min-max) over seeds; MSP against Fisher beyond spread
 """
@@ -42,6 +43,20 @@ PRESETS = {
 }
 
 
+def parse_cell(cell: str):
+    """``METHOD:SPARSITY`` (unstructured) or ``METHOD:N:M`` (mixed N:M, a per-layer N averaging N of every M)."""
+    parts = cell.split(":")
+    try:
+        if len(parts) == 2:
+            return parts[0], {"sparsity": float(parts[1])}
+        if len(parts) == 3:
+            n, m = int(parts[1]), int(parts[2])
+            return parts[0], {"pattern": "mixed-n:m", "m": m, "sparsity": 1 - n / m}
+    except ValueError:
+        pass
+    raise ValueError(f"--cell: {cell!r} is neither METHOD:SPARSITY (e.g. wanda:0.75) nor METHOD:N:M (e.g. wanda:3:8)")
+
+
 def run_cell(args) -> None:
 
     from optimum_msp import MSPConfig, MSPPruner
@@ -55,9 +70,8 @@ def run_cell(args) -> None:
     from optimum_msp.pruners import build_pruner
 
     set_threads(args.threads)
-    method, sparsity = args.cell.split(":")
-    config = MSPConfig(**PRESETS[args.preset], method=method, sparsity=float(sparsity), allocation="msp",
-                       seed=args.seed).resolved()
+    method, target = parse_cell(args.cell)
+    config = MSPConfig(**PRESETS[args.preset], **target, method=method, allocation="msp", seed=args.seed).resolved()
     pruner = MSPPruner.from_pretrained(args.model)
     data = pruner.calibration(config)
     method_pruner = build_pruner(config.method, config.pruner_options())
@@ -161,7 +175,7 @@ def seeds_table(path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--cell", default="wanda:0.75", help="METHOD:SPARSITY (unstructured)")
+    parser.add_argument("--cell", default="wanda:0.75", help="METHOD:SPARSITY (unstructured) or METHOD:N:M (mixed N:M)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="*", default=None, metavar="PLAN:FINAL",
                         help="only these models, e.g. fisher:sequential msp:search (default: all)")
