@@ -83,3 +83,12 @@ def test_without_flags_drops_a_flag_and_its_values():
         sys.path.remove(str(BENCH))
     argv = ["--threads", "1", "--seeds", "0,1", "--rows", "a", "b", "--generations", "2", "--seeds=3"]
     assert without_flags(argv, ("--rows", "--seeds")) == ["--threads", "1", "--generations", "2"]
+
+
+def test_final_statistics_cells_unstructured_and_mixed(bench):
+    final_statistics = importlib.import_module("final_statistics")  # bench/ is on the path through the fixture
+    assert final_statistics.parse_cell("sparsegpt:0.7") == ("sparsegpt", {"sparsity": 0.7})
+    assert final_statistics.parse_cell("wanda:3:8") == ("wanda", {"pattern": "mixed-n:m", "m": 8, "sparsity": 0.625})
+    for bad in ("wanda", "wanda:x", "wanda:3:8:1"):
+        with pytest.raises(ValueError, match="--cell"):
+            final_statistics.parse_cell(bad)
