@@ -114,8 +114,11 @@ def run_cell(args) -> None:
     if args.models:
         models = [m for m in models if f"{m[0]}:{m[2]}" in args.models]
     for plan_name, plan, final in models:
+        # with seeded statistics the bank's are those a sequential prune with the Fisher plan gathers (tested in
+        # tests/allocation/test_statistics.py), so that prune reads them back instead of running the blocks again
+        shortcut = kind == "seed" and plan_name == "fisher"
         with WeightSnapshot(modules):
-            (search_prune if final == "search" else sequential_prune)(plan)
+            (search_prune if final == "search" or shortcut else sequential_prune)(plan)
             row = {**base, "plan": plan_name, "final_statistics": final,
                    "final_fitness_nll": _final_fitness_nll(pruner.model, fitness_ids)}
             row.update(wikitext_perplexity(pruner.model, pruner.tokenizer, args.eval_windows or None))
