@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 mkdir -p bench/results
 python -c "import optimum_msp.modeling.loading as l; l.resolve_model_path('smollm2-135m')"  # convert once, untimed
 models="${OPTIMUM_MSP_CACHE:-$HOME/.cache/optimum_msp}/models"
-for method in wanda sparsegpt; do
+for method in ${METHODS:-wanda sparsegpt}; do  # METHODS=sparsegpt: one half only
   cache="/tmp/quiet-cache-$method"
   rm -rf "$cache" "/tmp/quiet-out-$method" && mkdir -p "$cache" && ln -s "$models" "$cache/models"
   start=$(date +%s)
