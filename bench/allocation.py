@@ -266,6 +266,12 @@ def msp_verdict(fisher: Dict[int, float], msp: Dict[int, float]) -> str:
     return "within spread"
 
 
+def seeds_won(fisher: Dict[int, float], msp: Dict[int, float]) -> str:
+    """On how many of the seeds both ran MSP's PPL is below its Fisher seed's, e.g. ``"3/3"`` (``"-"``: none)."""
+    common = sorted(set(fisher) & set(msp))
+    return f"{sum(msp[s] < fisher[s] for s in common)}/{len(common)}" if common else "-"
+
+
 def _mean_range(values: Dict[int, float], seeds: int) -> str:
     if not values:
         return "-"

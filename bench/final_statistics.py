@@ -147,7 +147,7 @@ def seeds_table(path: Path) -> str:
     (``bench/allocation.py``'s rule)."""
     import statistics
 
-    from allocation import _mean_range, msp_verdict
+    from allocation import _mean_range, msp_verdict, seeds_won
 
     cells: dict = {}
     search_cpu: dict = {}  # (cell, preset) -> {seed: search CPU s} of the searches behind the MSP rows
@@ -157,8 +157,8 @@ def seeds_table(path: Path) -> str:
         if row["plan"] == "msp" and row.get("search_cpu_s"):
             search_cpu.setdefault(key, {})[row["seed"]] = row["search_cpu_s"]
     header = [f"{plan} ({final})" for plan, final in MODELS]
-    lines = ["| cell | preset | seeds | " + " | ".join(header) + " | MSP / Fisher | verdict | search CPU s |",
-             "|" + "---|" * (len(MODELS) + 6)]
+    lines = ["| cell | preset | seeds | " + " | ".join(header) + " | MSP / Fisher | verdict | MSP wins | search CPU s |",
+             "|" + "---|" * (len(MODELS) + 7)]
     for (cell, preset), models in sorted(cells.items()):
         seeds = sorted(set().union(*(set(v) for v in models.values())))
         # the Fisher rows do not depend on the search settings: a preset without its own takes the default's
@@ -169,7 +169,7 @@ def seeds_table(path: Path) -> str:
                  if common else "-")
         lines.append(f"| {cell} | {preset} | {','.join(map(str, seeds))} | "
                      + " | ".join(_mean_range(models.get(m, {}), len(seeds)) for m in MODELS)
-                     + f" | {ratio} | {msp_verdict(fisher, msp)} | "
+                     + f" | {ratio} | {msp_verdict(fisher, msp)} | {seeds_won(fisher, msp)} | "
                      + (f"{statistics.mean(search_cpu[(cell, preset)].values()):.0f}" if (cell, preset) in search_cpu
                         else "-") + " |")
     return "\n".join(lines)

@@ -92,3 +92,9 @@ def test_final_statistics_cells_unstructured_and_mixed(bench):
     for bad in ("wanda", "wanda:x", "wanda:3:8:1"):
         with pytest.raises(ValueError, match="--cell"):
             final_statistics.parse_cell(bad)
+
+
+def test_seeds_won_counts_the_common_seeds_where_msp_is_lower(bench):
+    assert bench.seeds_won({0: 100, 1: 104, 2: 102}, {0: 90, 1: 105, 2: 101}) == "2/3"
+    assert bench.seeds_won({0: 100, 1: 104}, {1: 103, 2: 1}) == "1/1"  # seed 2 has no Fisher row
+    assert bench.seeds_won({0: 100}, {1: 90}) == "-"
