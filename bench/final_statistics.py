@@ -157,7 +157,8 @@ def seeds_table(path: Path) -> str:
         if row["plan"] == "msp" and row.get("search_cpu_s"):
             search_cpu.setdefault(key, {})[row["seed"]] = row["search_cpu_s"]
     header = [f"{plan} ({final})" for plan, final in MODELS]
-    lines = ["| cell | preset | seeds | " + " | ".join(header) + " | MSP / Fisher | verdict | MSP wins | search CPU s |",
+    lines = ["| cell | preset | seeds | " + " | ".join(header)
+             + " | MSP / Fisher | verdict | MSP wins | search CPU s |",
              "|" + "---|" * (len(MODELS) + 7)]
     for (cell, preset), models in sorted(cells.items()):
         seeds = sorted(set().union(*(set(v) for v in models.values())))
@@ -178,7 +179,8 @@ def seeds_table(path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--cell", default="wanda:0.75", help="METHOD:SPARSITY (unstructured) or METHOD:N:M (mixed N:M)")
+    parser.add_argument("--cell", default="wanda:0.75",
+                        help="METHOD:SPARSITY (unstructured) or METHOD:N:M (mixed N:M)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="*", default=None, metavar="PLAN:FINAL",
                         help="only these models, e.g. fisher:sequential msp:search (default: all)")
