@@ -163,7 +163,8 @@ def seeds_table(path: Path) -> str:
     for (cell, preset), models in sorted(cells.items()):
         seeds = sorted(set().union(*(set(v) for v in models.values())))
         # the Fisher rows do not depend on the search settings: a preset without its own takes the default's
-        fisher = models.get(("fisher", "sequential")) or cells.get((cell, "default"), {}).get(("fisher", "sequential"), {})
+        fisher = (models.get(("fisher", "sequential"))
+                  or cells.get((cell, "default"), {}).get(("fisher", "sequential"), {}))
         msp = models.get(("msp", "search"), {})
         common = sorted(set(fisher) & set(msp))
         ratio = (f"{statistics.mean(msp[s] for s in common) / statistics.mean(fisher[s] for s in common):.2f}x"
