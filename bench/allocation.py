@@ -46,15 +46,20 @@ COLUMNS = ["method", "target", "allocation", "seed", "eval_windows", "ppl", "ppl
            "prune_s", "threads"]
 
 
+def parse_target(fields: Sequence[str]):
+    """``[SPARSITY]`` (unstructured) or ``[N, M]`` (mixed N:M, average N of every M) -> (config fields, label);
+    ValueError on anything else."""
+    if len(fields) == 1:
+        return {"sparsity": float(fields[0])}, fields[0]
+    n, m = fields
+    return {"pattern": "mixed-n:m", "m": int(m), "sparsity": 1 - int(n) / int(m)}, f"{n}:{m} avg"
+
+
 def parse_row(row: str):
     """``method:sparsity:allocation`` (unstructured) or ``method:N:M:allocation`` (mixed N:M, average N:M)."""
-    parts = row.split(":")
-    if len(parts) == 3:
-        method, sparsity, allocation = parts
-        return method, {"sparsity": float(sparsity)}, allocation, sparsity
-    method, n, m, allocation = parts
-    target = {"pattern": "mixed-n:m", "m": int(m), "sparsity": 1 - int(n) / int(m)}
-    return method, target, allocation, f"{n}:{m} avg"
+    method, *fields, allocation = row.split(":")
+    target, label = parse_target(fields)
+    return method, target, allocation, label
 
 
 def run_row(row: str, args) -> None:

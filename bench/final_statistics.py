@@ -28,7 +28,7 @@ from common import (  # noqa: E402
     RESULTS, append_result, git_commit, markdown_table, read_results, set_threads, wikitext_perplexity,
 )
 
-from allocation import _final_fitness_nll  # noqa: E402  (the same NLL bench/allocation.py reports)
+from allocation import _final_fitness_nll, parse_target  # noqa: E402  (the NLL bench/allocation.py reports)
 
 OUT = RESULTS / "final_statistics.jsonl"
 #: named search settings (``--preset``); "quality" is the candidate measured for a longer, screened search preset:
@@ -45,16 +45,12 @@ PRESETS = {
 
 def parse_cell(cell: str):
     """``METHOD:SPARSITY`` (unstructured) or ``METHOD:N:M`` (mixed N:M, a per-layer N averaging N of every M)."""
-    parts = cell.split(":")
+    method, *fields = cell.split(":")
     try:
-        if len(parts) == 2:
-            return parts[0], {"sparsity": float(parts[1])}
-        if len(parts) == 3:
-            n, m = int(parts[1]), int(parts[2])
-            return parts[0], {"pattern": "mixed-n:m", "m": m, "sparsity": 1 - n / m}
+        return method, parse_target(fields)[0]  # bench/allocation.py's rows name their targets the same way
     except ValueError:
-        pass
-    raise ValueError(f"--cell: {cell!r} is neither METHOD:SPARSITY (e.g. wanda:0.75) nor METHOD:N:M (e.g. wanda:3:8)")
+        raise ValueError(f"--cell: {cell!r} is neither METHOD:SPARSITY (e.g. wanda:0.75) nor METHOD:N:M "
+                         "(e.g. wanda:3:8)") from None
 
 
 def run_cell(args) -> None:

@@ -105,7 +105,6 @@ class FitnessEvaluator:
         for j, hidden in zip(batches, final_hidden):
             yield self.runner.head(hidden, self.batches[j]).logits.float()
 
-
     def _loss(self, logits: Iterable[torch.Tensor], batches: Optional[Sequence[int]] = None) -> float:
         """Mean per-token loss over ``logits`` of ``batches`` (default: the first ones); ``logits`` may be lazy,
         so that one batch's logits are alive at a time."""
