@@ -40,6 +40,8 @@ PRESETS = {
     "pool": dict(fitness_pool=16),
     # the same tokens per draw and pool in longer windows (the test windows are 2048 tokens long)
     "pool-long": dict(fitness_pool=8, fitness_samples=2, fitness_seqlen=512),
+    # SparseGPT: the bank's statistics gathered again with the best plan after generations 4 and 8
+    "refresh": dict(statistics_refresh=4),
 }
 
 
@@ -92,11 +94,15 @@ def run_cell(args) -> None:
                      "evaluations": searched.report["evaluations"], "screened": searched.report["screened"],
                      "search_s": round(search_s, 1), "best_fitness": searched.search["best_fitness"],
                      "fisher_fitness": searched.search["fisher_fitness"]})
+        if searched.search["refreshed_around"]:
+            base.update({"refreshes": searched.search["refreshed_around"],
+                         "refresh_s": searched.report["refresh_seconds"]})
     uniform = ALLOCATORS.get("uniform")(context)
 
-    def search_prune(plan):  # the bank's statistics, read back from the statistics cache: no forward pass
-        stats = (dense_layer_statistics(context, method_pruner.new_statistics) if kind == "dense"
-                 else seeded_layer_statistics(context, fisher.targets))
+    def search_prune(plan, stats=None):  # the bank's statistics, read back from the statistics cache: no forward pass
+        if stats is None:
+            stats = (dense_layer_statistics(context, method_pruner.new_statistics) if kind == "dense"
+                     else seeded_layer_statistics(context, fisher.targets))
         prune_with_statistics(runner, layers, plan, method_pruner, stats)  # as the library's final prune does
 
     def sequential_prune(plan):
@@ -114,12 +120,17 @@ def run_cell(args) -> None:
         # tests/allocation/test_statistics.py), so that prune reads them back instead of running the blocks again
         shortcut = kind == "seed" and plan_name == "fisher"
         with WeightSnapshot(modules):
-            (search_prune if final == "search" or shortcut else sequential_prune)(plan)
+            if final == "search" and plan_name == "msp" and searched.statistics is not None:
+                search_prune(plan, searched.statistics)  # the statistics the search handed over (the last refresh's)
+            else:
+                (search_prune if final == "search" or shortcut else sequential_prune)(plan)
             row = {**base, "plan": plan_name, "final_statistics": final,
                    "final_fitness_nll": _final_fitness_nll(pruner.model, fitness_ids)}
             row.update(wikitext_perplexity(pruner.model, pruner.tokenizer, args.eval_windows or None))
         append_result(Path(args.output), row)
         print(row, flush=True)
+    if searched is not None and searched.statistics is not None:
+        getattr(searched.statistics, "close", lambda: None)()
 
 
 def table(path: Path) -> str:
