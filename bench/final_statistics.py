@@ -126,6 +126,8 @@ def run_cell(args) -> None:
                 (search_prune if final == "search" or shortcut else sequential_prune)(plan)
             row = {**base, "plan": plan_name, "final_statistics": final,
                    "final_fitness_nll": _final_fitness_nll(pruner.model, fitness_ids)}
+            if plan_name == "msp":  # per unit (block by default): what the search chose
+                row["levels"] = [round(level, 4) for level in searched.search["levels"]]
             row.update(wikitext_perplexity(pruner.model, pruner.tokenizer, args.eval_windows or None))
         append_result(Path(args.output), row)
         print(row, flush=True)
