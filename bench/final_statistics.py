@@ -40,6 +40,8 @@ PRESETS = {
     "pool": dict(fitness_pool=16),
     # the same tokens per draw and pool in longer windows (the test windows are 2048 tokens long)
     "pool-long": dict(fitness_pool=8, fitness_samples=2, fitness_seqlen=512),
+    # the default's 1,024 fitness tokens in 2 windows of 512 instead of 4 of 256 (longer context, the same cost)
+    "long": dict(fitness_samples=2, fitness_seqlen=512),
     # SparseGPT: the bank's statistics gathered again with the best plan after generations 4 and 8
     "refresh": dict(statistics_refresh=4),
 }
