@@ -152,10 +152,10 @@ MODELS = (("uniform", "sequential"), ("fisher", "sequential"), ("fisher", "searc
           ("msp", "search"))
 
 
-def seeds_table(path: Path) -> str:
-    """Per cell and preset: mean test PPL over seeds (min–max) of each model, and the delivered MSP model (search
-    statistics) against the delivered Fisher model (sequential), a gain only beyond the seed-to-seed spread
-    (``bench/allocation.py``'s rule)."""
+def seeds_table(path: Path, presets=None) -> str:
+    """Per cell and preset (only ``presets`` if given): mean test PPL over seeds (min–max) of each model, and the
+    delivered MSP model (search statistics) against the delivered Fisher model (sequential), a gain only beyond the
+    seed-to-seed spread (``bench/allocation.py``'s rule)."""
     import statistics
 
     from allocation import _mean_range, msp_verdict, seeds_won
@@ -172,6 +172,8 @@ def seeds_table(path: Path) -> str:
              + " | MSP / Fisher | verdict | MSP wins | search CPU s |",
              "|" + "---|" * (len(MODELS) + 7)]
     for (cell, preset), models in sorted(cells.items()):
+        if presets and preset not in presets:
+            continue
         seeds = sorted(set().union(*(set(v) for v in models.values())))
         # the Fisher rows do not depend on the search settings: a preset without its own takes the default's
         fisher = (models.get(("fisher", "sequential"))
@@ -202,9 +204,10 @@ def main() -> None:
     parser.add_argument("--output", default=str(OUT))
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--seeds-table", action="store_true", help="mean (min-max) over seeds per cell and model")
+    parser.add_argument("--presets", nargs="*", default=None, help="--seeds-table: only these presets (default: all)")
     args = parser.parse_args()
     if args.table or args.seeds_table:
-        print(seeds_table(Path(args.output)) if args.seeds_table else table(Path(args.output)))
+        print(seeds_table(Path(args.output), args.presets) if args.seeds_table else table(Path(args.output)))
         return
     run_cell(args)
 

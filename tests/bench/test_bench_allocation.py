@@ -2,6 +2,7 @@
 experiment, and when MSP counts as a gain over its Fisher seed."""
 
 import argparse
+import json
 import importlib
 import sys
 from pathlib import Path
@@ -98,3 +99,21 @@ def test_seeds_won_counts_the_common_seeds_where_msp_is_lower(bench):
     assert bench.seeds_won({0: 100, 1: 104, 2: 102}, {0: 90, 1: 105, 2: 101}) == "2/3"
     assert bench.seeds_won({0: 100, 1: 104}, {1: 103, 2: 1}) == "1/1"  # seed 2 has no Fisher row
     assert bench.seeds_won({0: 100}, {1: 90}) == "-"
+
+
+def test_final_statistics_seeds_table_presets(bench, tmp_path):
+    final_statistics = importlib.import_module("final_statistics")
+    path = tmp_path / "rows.jsonl"
+    rows = [{"cell": "sparsegpt:2:8", "seed": seed, "preset": preset, "plan": plan, "final_statistics": final,
+             "ppl": ppl, "search_cpu_s": 300.0}
+            for seed in (0, 1, 2)
+            for preset, plan, final, ppl in (("default", "fisher", "sequential", 100 + seed),
+                                             ("default", "msp", "search", 80 + seed),
+                                             ("long", "msp", "search", 120 + seed))]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    everything = final_statistics.seeds_table(path)
+    assert "| sparsegpt:2:8 | default |" in everything and "| sparsegpt:2:8 | long |" in everything
+    only_long = final_statistics.seeds_table(path, ["long"])
+    assert "| sparsegpt:2:8 | default |" not in only_long
+    # a preset without Fisher rows of its own is judged against the default's Fisher models: 121 / 101, a loss
+    assert "| sparsegpt:2:8 | long | 0,1,2 |" in only_long and "1.20x | loss | 0/3 |" in only_long
