@@ -57,16 +57,13 @@ def parse_cell(cell: str):
                          "(e.g. wanda:3:8)") from None
 
 
-def run_cell(args) -> None:
-
+def cell_context(args):
+    """``(config, pruner, data, context)`` for ``args.cell``, ``--seed`` and ``--preset``: what the allocators need,
+    built as the library's prune builds it (``context.pruner``: the method's pruner; ``context.runner``: the blocks)."""
     from optimum_msp import MSPConfig, MSPPruner
-    from optimum_msp.allocation import ALLOCATORS, AllocationContext
-    from optimum_msp.allocation.msp import search_statistics
-    from optimum_msp.allocation.statistics import dense_layer_statistics, seeded_layer_statistics
-    from optimum_msp.apply import apply_targets, prune_with_statistics
+    from optimum_msp.allocation import AllocationContext
     from optimum_msp.modeling.blocks import select_linears
     from optimum_msp.modeling.sequential import BlockRunner
-    from optimum_msp.modeling.weights import WeightSnapshot
     from optimum_msp.pruners import build_pruner
 
     set_threads(args.threads)
@@ -80,6 +77,18 @@ def run_cell(args) -> None:
               for i, block in enumerate(runner.blocks)]
     context = AllocationContext(pruner.model, layers, config.budget(), config.allocation_options(), method_pruner,
                                 data, runner, config.seed, config.batch_size)
+    return config, pruner, data, context
+
+
+def run_cell(args) -> None:
+    from optimum_msp.allocation import ALLOCATORS
+    from optimum_msp.allocation.msp import search_statistics
+    from optimum_msp.allocation.statistics import dense_layer_statistics, seeded_layer_statistics
+    from optimum_msp.apply import apply_targets, prune_with_statistics
+    from optimum_msp.modeling.weights import WeightSnapshot
+
+    config, pruner, data, context = cell_context(args)
+    method_pruner, runner, layers = context.pruner, context.runner, context.layers
     # the search only when a model needs it: the Fisher and uniform rows of a seed do not depend on it
     wanted = args.models or ["msp"]
     started = time.perf_counter()

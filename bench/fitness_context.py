@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, append_result, git_commit, markdown_table, read_results, set_threads  # noqa: E402
+from common import RESULTS, append_result, git_commit, markdown_table, read_results  # noqa: E402
 
 OUT = RESULTS / "fitness_context.jsonl"
 TOKENS = 16 * 2048  # the benchmark's first 16 test windows
@@ -24,29 +24,16 @@ LENGTHS = (256, 512, 2048)
 
 
 def run_cell(args) -> None:
-    from final_statistics import PRESETS, parse_cell
+    from final_statistics import cell_context
 
-    from optimum_msp import MSPConfig, MSPPruner
-    from optimum_msp.allocation import ALLOCATORS, AllocationContext
+    from optimum_msp.allocation import ALLOCATORS
     from optimum_msp.allocation.statistics import dense_layer_statistics, seeded_layer_statistics
     from optimum_msp.apply import prune_with_statistics
     from optimum_msp.evaluation.perplexity import perplexity
-    from optimum_msp.modeling.blocks import select_linears
-    from optimum_msp.modeling.sequential import BlockRunner
     from optimum_msp.modeling.weights import WeightSnapshot
-    from optimum_msp.pruners import build_pruner
 
-    set_threads(args.threads)
-    method, target = parse_cell(args.cell)
-    config = MSPConfig(**PRESETS[args.preset], **target, method=method, allocation="msp", seed=args.seed).resolved()
-    pruner = MSPPruner.from_pretrained(args.model)
-    data = pruner.calibration(config)
-    method_pruner = build_pruner(config.method, config.pruner_options())
-    runner = BlockRunner(pruner.model, config.block_name)
-    layers = [select_linears(block, f"{runner.block_prefix}.{i}", config.targets, config.ignore)
-              for i, block in enumerate(runner.blocks)]
-    context = AllocationContext(pruner.model, layers, config.budget(), config.allocation_options(), method_pruner,
-                                data, runner, config.seed, config.batch_size)
+    _config, pruner, _data, context = cell_context(args)
+    method_pruner, runner, layers = context.pruner, context.runner, context.layers
     searched = ALLOCATORS.get("msp")(context)
     fisher = ALLOCATORS.get("fisher")(context)
     fisher_stats = (dense_layer_statistics(context, method_pruner.new_statistics)
