@@ -80,10 +80,20 @@ def cell_context(args):
     return config, pruner, data, context
 
 
+def bank_statistics(context, kind: str, fisher_targets):
+    """The input statistics the search's bank pruned with when it was not refreshed, read back from the statistics
+    cache (no forward pass): the dense model's (``kind="dense"``) or those the Fisher seed plan's sequential prune
+    gathers (``"seed"``)."""
+    from optimum_msp.allocation.statistics import dense_layer_statistics, seeded_layer_statistics
+
+    if kind == "dense":
+        return dense_layer_statistics(context, context.pruner.new_statistics)
+    return seeded_layer_statistics(context, fisher_targets)
+
+
 def run_cell(args) -> None:
     from optimum_msp.allocation import ALLOCATORS
     from optimum_msp.allocation.msp import search_statistics
-    from optimum_msp.allocation.statistics import dense_layer_statistics, seeded_layer_statistics
     from optimum_msp.apply import apply_targets, prune_with_statistics
     from optimum_msp.modeling.weights import WeightSnapshot
 
@@ -112,8 +122,7 @@ def run_cell(args) -> None:
 
     def search_prune(plan, stats=None):  # the bank's statistics, read back from the statistics cache: no forward pass
         if stats is None:
-            stats = (dense_layer_statistics(context, method_pruner.new_statistics) if kind == "dense"
-                     else seeded_layer_statistics(context, fisher.targets))
+            stats = bank_statistics(context, kind, fisher.targets)
         prune_with_statistics(runner, layers, plan, method_pruner, stats)  # as the library's final prune does
 
     def sequential_prune(plan):

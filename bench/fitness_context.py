@@ -24,10 +24,9 @@ LENGTHS = (256, 512, 2048)
 
 
 def run_cell(args) -> None:
-    from final_statistics import cell_context
+    from final_statistics import bank_statistics, cell_context
 
     from optimum_msp.allocation import ALLOCATORS
-    from optimum_msp.allocation.statistics import dense_layer_statistics, seeded_layer_statistics
     from optimum_msp.apply import prune_with_statistics
     from optimum_msp.evaluation.perplexity import perplexity
     from optimum_msp.modeling.weights import WeightSnapshot
@@ -36,8 +35,7 @@ def run_cell(args) -> None:
     method_pruner, runner, layers = context.pruner, context.runner, context.layers
     searched = ALLOCATORS.get("msp")(context)
     fisher = ALLOCATORS.get("fisher")(context)
-    fisher_stats = (dense_layer_statistics(context, method_pruner.new_statistics)
-                    if searched.search["statistics"] == "dense" else seeded_layer_statistics(context, fisher.targets))
+    fisher_stats = bank_statistics(context, searched.search["statistics"], fisher.targets)
     for name, plan, stats in (("fisher", fisher.targets, fisher_stats), ("msp", searched.targets, searched.statistics)):
         with WeightSnapshot(context.modules):
             prune_with_statistics(runner, layers, plan, method_pruner, stats)

@@ -27,6 +27,7 @@ def main() -> None:
 
     import torch
 
+    # not bench/common.py's set_threads: importing common imports this checkout's optimum_msp, whichever is timed
     torch.set_num_threads(args.threads)
     import optimum_msp  # the one first on sys.path: PYTHONPATH picks another checkout
     from optimum_msp import MSPConfig, MSPPruner

@@ -2,8 +2,8 @@
 experiment, and when MSP counts as a gain over its Fisher seed."""
 
 import argparse
-import json
 import importlib
+import json
 import sys
 from pathlib import Path
 
