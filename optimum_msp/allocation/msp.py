@@ -38,8 +38,10 @@ logger = logging.getLogger(__name__)
 class SearchOptions(FisherOptions):
     fitness: str = option("ppl", "MSP search objective on held-out calibration text: mean next-token NLL of the "
                           "pruned model (ppl) or KL divergence to the dense model (kl)", choices=("ppl", "kl"))
-    fitness_samples: int = option(4, "held-out windows the search's fitness is measured on", kind=int, low=1)
-    fitness_seqlen: int = option(256, "tokens per fitness window, the BOS included when the bos rule adds one",
+    # 2 x 512 rather than 4 x 256: the same tokens and search time, and windows long enough to show what a plan
+    # costs at long context (docs/msp.md, "What the defaults rest on")
+    fitness_samples: int = option(2, "held-out windows the search's fitness is measured on", kind=int, low=1)
+    fitness_seqlen: int = option(512, "tokens per fitness window, the BOS included when the bos rule adds one",
                                  kind=int, low=1)
     fitness_pool: int = option(
         0, "MSP search: held-out windows each generation draws its fitness_samples windows from, anew every "

@@ -107,13 +107,32 @@ def test_final_statistics_seeds_table_presets(bench, tmp_path):
     rows = [{"cell": "sparsegpt:2:8", "seed": seed, "preset": preset, "plan": plan, "final_statistics": final,
              "ppl": ppl, "search_cpu_s": 300.0}
             for seed in (0, 1, 2)
-            for preset, plan, final, ppl in (("default", "fisher", "sequential", 100 + seed),
-                                             ("default", "msp", "search", 80 + seed),
+            for preset, plan, final, ppl in (("short", "fisher", "sequential", 100 + seed),
+                                             ("short", "msp", "search", 80 + seed),
                                              ("long", "msp", "search", 120 + seed))]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     everything = final_statistics.seeds_table(path)
-    assert "| sparsegpt:2:8 | default |" in everything and "| sparsegpt:2:8 | long |" in everything
+    assert "| sparsegpt:2:8 | short |" in everything and "| sparsegpt:2:8 | long |" in everything
     only_long = final_statistics.seeds_table(path, ["long"])
-    assert "| sparsegpt:2:8 | default |" not in only_long
-    # a preset without Fisher rows of its own is judged against the default's Fisher models: 121 / 101, a loss
+    assert "| sparsegpt:2:8 | short |" not in only_long
+    # a preset without Fisher rows of its own is judged against another preset's Fisher models: 121 / 101, a loss
     assert "| sparsegpt:2:8 | long | 0,1,2 |" in only_long and "1.20x | loss | 0/3 |" in only_long
+
+
+def test_final_statistics_compare_table_one_row_per_cell(bench, tmp_path):
+    final_statistics = importlib.import_module("final_statistics")
+    path = tmp_path / "rows.jsonl"
+    rows = [{"cell": "wanda:2:8", "seed": seed, "preset": preset, "plan": plan, "final_statistics": final,
+             "ppl": ppl, "search_cpu_s": 300.0 + seed}
+            for seed in (0, 1, 2)
+            for preset, plan, final, ppl in (("short", "fisher", "sequential", 100 + seed),
+                                             ("short", "msp", "search", 120 + seed),
+                                             ("long", "msp", "search", 50 + seed),
+                                             ("other", "msp", "search", 1.0))]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table = final_statistics.compare_table(path, ["short", "long"]).splitlines()
+    assert len(table) == 3 and "other" not in table[0]  # header, rule, one cell
+    # Fisher 101 (100-102); short: 121, a loss on every seed; long: 51, a gain on every seed; CPU 301 s each;
+    # per-seed ratios 120/100 .. 122/102 and 50/100 .. 52/102
+    assert table[2] == ("| wanda:2:8 | 0,1,2 | 101 (100–102) | 121 (120–122) | 1.20x (1.20–1.20) | loss | 0/3 | "
+                        "301 | 51 (50–52) | 0.50x (0.50–0.51) | gain | 3/3 | 301 |")
