@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from . import checks, distributed
 from .modeling.offload import matrix_shape, read_matrix, write_matrix
-from .modeling.sequential import BlockRunner, forward_with_statistics
+from .modeling.sequential import BlockRunner, advance_with_statistics, forward_with_statistics
 from .modeling.weights import WeightSnapshot
 from .plan import LayerTarget
 from .pruners.base import Pruner
@@ -198,6 +198,14 @@ def dense_statistics(
     memory stays at one block's activations plus what the caller retains.
     """
     inputs = runner.capture(distributed.shard(calibration), batch_size)
-    for index, _block in runner.walk(inputs, desc=desc):
-        if layers[index]:
-            yield index, forward_with_statistics(runner, index, inputs, layers[index], make_stats)
+    last = len(runner.blocks) - 1
+    for index in hf_logging.tqdm(range(last + 1), desc=desc, disable=not hf_logging.is_progress_bar_enabled()):
+        if index == last:  # its outputs feed nothing: the statistics pass alone, stopped after the last input
+            stats = forward_with_statistics(runner, index, inputs, layers[index], make_stats) if layers[index] else {}
+        elif layers[index]:  # the block stays dense: one pass gathers its statistics and the next block's inputs
+            stats = advance_with_statistics(runner, index, inputs, layers[index], make_stats)
+        else:
+            runner.advance(index, inputs)
+            stats = {}
+        if stats:
+            yield index, stats

@@ -94,3 +94,34 @@ def test_a_blocks_layers_are_split_in_units_of_work(method, units):
         assert costs[("q_proj", "k_proj", "v_proj")] == 64 ** 3 + (64 + 32 + 32) * 64 ** 2
     else:
         assert costs[("down_proj",)] == 64 * 128 and costs[("k_proj",)] == 32 * 64
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_dense_statistics_run_each_block_once_and_gather_what_a_statistics_pass_gathers(method):
+    from optimum_msp.modeling.sequential import forward_with_statistics
+
+    _, runner, layers, _targets = _setup()
+    pruner, ids = get_pruner(method), calibration_ids(3, 16)
+    # reference: a statistics pass through each dense block, then its outputs as the next block's inputs
+    inputs = runner.capture(ids)
+    reference = {}
+    for index in range(len(runner.blocks)):
+        reference[index] = forward_with_statistics(runner, index, inputs, layers[index], pruner.new_statistics)
+        runner.advance(index, inputs)
+    calls = []
+    handles = [block.register_forward_pre_hook(lambda module, args, index=index: calls.append(index))
+               for index, block in enumerate(runner.blocks)]
+    try:
+        dense = dict(dense_statistics(runner, layers, ids, pruner.new_statistics))
+    finally:
+        for handle in handles:
+            handle.remove()
+    # one pass of the 3 windows (batch size 1) per block: the statistics ride on the pass that feeds the next block
+    assert sorted(calls) == sorted(list(range(len(runner.blocks))) * 3)
+    assert dense.keys() == reference.keys()
+    for index, block in reference.items():
+        assert dense[index].keys() == block.keys()
+        for name, stat in block.items():
+            for state in stat.STATE + ("tokens",):
+                assert torch.equal(torch.as_tensor(getattr(dense[index][name], state)),
+                                   torch.as_tensor(getattr(stat, state))), (name, state)

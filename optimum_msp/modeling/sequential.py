@@ -27,8 +27,8 @@ from .blocks import find_decoder_blocks
 from .capture import BlockInputs, Replay, StandIn, capture_block_inputs, swapped_blocks
 from .offload import block_devices, compute_device, onloaded
 
-__all__ = ["BlockDone", "BlockInputs", "BlockRunner", "InputStatistics", "StandIn", "batched", "block_output",
-           "forward_with_statistics", "input_device", "swapped_blocks"]
+__all__ = ["BlockDone", "BlockInputs", "BlockRunner", "InputStatistics", "StandIn", "advance_with_statistics",
+           "batched", "block_output", "forward_with_statistics", "input_device", "swapped_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +138,12 @@ class BlockRunner:
                                       on_batch=on_batch, keep=keep)
 
     @torch.no_grad()
-    def advance(self, index: int, inputs: BlockInputs) -> None:
+    def advance(self, index: int, inputs: BlockInputs, on_batch: Optional[Callable[[int], None]] = None) -> None:
         """Replace ``inputs`` in place by what block ``index`` outputs (one block's activations alive)."""
         with self.onloaded(index) as block:
             for j in range(len(inputs)):
+                if on_batch is not None:
+                    on_batch(j)
                 inputs.hidden[j] = block_output(self.call(block, index, inputs, inputs.hidden[j], j))
 
     def head(self, final_hidden: torch.Tensor, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
@@ -189,12 +191,14 @@ class InputStatistics:
     in which the layers run, every later batch stops the block right after the last layer's input is seen:
     that layer's matmul and whatever follows it (for LLaMA: ``down_proj`` and the residual, ~15 % of the
     block) are skipped. Only when every layer ran exactly once in the first batch; otherwise (e.g. a mixture
-    of experts whose routing varies) every batch runs in full.
+    of experts whose routing varies) every batch runs in full. ``stop_early=False`` never stops a block: for a
+    pass whose outputs are kept (:func:`advance_with_statistics`).
     """
 
-    def __init__(self, layers: Dict[str, nn.Module], make_stats: Callable[[int], Any]):
+    def __init__(self, layers: Dict[str, nn.Module], make_stats: Callable[[int], Any], stop_early: bool = True):
         self.layers = layers
         self.make_stats = make_stats
+        self.stop_early = stop_early
         self.stats: Dict[str, Any] = {}
         self._seen: Dict[Tuple, Tuple[torch.Tensor, Any]] = {}
         self._handles: List[Any] = []
@@ -207,7 +211,7 @@ class InputStatistics:
         # another layer's input within the batch (which would make two different inputs look shared).
         self._seen.clear()
         self._batch = index
-        if index == 1 and sorted(self._order) == sorted(self.layers):
+        if index == 1 and self.stop_early and sorted(self._order) == sorted(self.layers):
             self._last = self._order[-1]
 
     def __enter__(self) -> "InputStatistics":
@@ -243,6 +247,18 @@ class InputStatistics:
             stats = self.stats[name] = self.make_stats(x.shape[-1])
         stats.add_batch(x.reshape(-1, x.shape[-1]))
         self._seen[key] = (x, stats)
+
+
+def advance_with_statistics(
+    runner: BlockRunner, index: int, inputs: BlockInputs, layers: Dict[str, nn.Module], make_stats
+) -> Dict[str, Any]:
+    """Replace ``inputs`` by what block ``index`` outputs (:meth:`BlockRunner.advance`) while collecting input
+    statistics of ``layers``: when the block is not changed in between (the dense model's statistics), one pass
+    does what :func:`forward_with_statistics` and an advance do in almost two."""
+    with InputStatistics(layers, make_stats, stop_early=False) as collector:
+        runner.advance(index, inputs, on_batch=collector.new_batch)
+    distributed.reduce_statistics(collector.stats)  # as forward_with_statistics: complete before any use
+    return collector.stats
 
 
 def forward_with_statistics(
