@@ -218,8 +218,8 @@ def seeds_table(path: Path, presets=None) -> str:
 def compare_table(path: Path, presets) -> str:
     """One row per cell: the delivered Fisher model and, per preset in ``presets``, the delivered MSP model (mean
     test PPL over seeds, min–max), its ratio to Fisher on their common seeds (the ratio of the means, and the range
-    of the per-seed ratios), the verdict (a gain only beyond the
-    seed-to-seed spread, ``bench/allocation.py``'s rule), on how many seeds it won, and its mean search CPU."""
+    of the per-seed ratios), the verdict (a gain only beyond the seed-to-seed spread, ``bench/allocation.py``'s
+    rule), on how many seeds it won, and its mean search CPU."""
     import statistics
 
     from allocation import _mean_range, msp_verdict, seeds_won

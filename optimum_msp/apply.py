@@ -195,7 +195,8 @@ def dense_statistics(
     """Yield ``(block index, {layer: input statistics})`` of the *unpruned* model, block by block.
 
     Allocators (OWL, MSP) look at the dense model; the caller keeps only what it needs per block, so
-    memory stays at one block's activations plus what the caller retains.
+    memory stays at one block's activations plus what the caller retains. One forward pass over the calibration
+    set: the blocks are not pruned, so the pass that gathers a block's statistics also feeds the next block.
     """
     inputs = runner.capture(distributed.shard(calibration), batch_size)
     last = len(runner.blocks) - 1
