@@ -172,6 +172,22 @@ def table(path: Path) -> str:
     return markdown_table(rows, columns)
 
 
+def _ratio(fisher: dict, msp: dict, per_seed: bool = False) -> str:
+    """MSP's mean PPL over Fisher's on their common seeds, e.g. ``"0.95x"``; with ``per_seed`` (and 2 seeds or more)
+    also the range of the per-seed ratios, ``"0.95x (0.93–0.97)"``: a seed's two models share its calibration
+    windows, so their ratio moves less than either model does from seed to seed."""
+    import statistics
+
+    common = sorted(set(fisher) & set(msp))
+    if not common:
+        return "-"
+    text = f"{statistics.mean(msp[s] for s in common) / statistics.mean(fisher[s] for s in common):.2f}x"
+    if per_seed and len(common) > 1:
+        ratios = [msp[s] / fisher[s] for s in common]
+        text += f" ({min(ratios):.2f}–{max(ratios):.2f})"
+    return text
+
+
 MODELS = (("uniform", "sequential"), ("fisher", "sequential"), ("fisher", "search"), ("msp", "sequential"),
           ("msp", "search"))
 
@@ -204,9 +220,7 @@ def seeds_table(path: Path, presets=None) -> str:
             (rows[("fisher", "sequential")] for (other, _), rows in sorted(cells.items())
              if other == cell and ("fisher", "sequential") in rows), {})
         msp = models.get(("msp", "search"), {})
-        common = sorted(set(fisher) & set(msp))
-        ratio = (f"{statistics.mean(msp[s] for s in common) / statistics.mean(fisher[s] for s in common):.2f}x"
-                 if common else "-")
+        ratio = _ratio(fisher, msp)
         lines.append(f"| {cell} | {preset} | {','.join(map(str, seeds))} | "
                      + " | ".join(_mean_range(models.get(m, {}), len(seeds)) for m in MODELS)
                      + f" | {ratio} | {msp_verdict(fisher, msp)} | {seeds_won(fisher, msp)} | "
@@ -243,14 +257,8 @@ def compare_table(path: Path, presets) -> str:
         cells = [cell, ",".join(map(str, seeds)), _mean_range(fisher.get(cell, {}), len(seeds))]
         for preset in presets:
             searched, f = msp.get((cell, preset), {}), fisher.get(cell, {})
-            common = sorted(set(f) & set(searched))
-            ratio = (f"{statistics.mean(searched[s] for s in common) / statistics.mean(f[s] for s in common):.2f}x"
-                     if common else "-")
-            if len(common) > 1:  # the per-seed ratios: a seed's Fisher and MSP models share its calibration windows
-                ratios = [searched[s] / f[s] for s in common]
-                ratio += f" ({min(ratios):.2f}–{max(ratios):.2f})"
             spent = cpu.get((cell, preset))
-            cells += [_mean_range(searched, len(seeds)), ratio, msp_verdict(f, searched), seeds_won(f, searched),
+            cells += [_mean_range(searched, len(seeds)), _ratio(f, searched, per_seed=True), msp_verdict(f, searched), seeds_won(f, searched),
                       f"{statistics.mean(spent.values()):.0f}" if spent else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, append_result, git_commit, markdown_table, read_results  # noqa: E402
+from final_statistics import PRESETS, bank_statistics, cell_context  # noqa: E402
 
 OUT = RESULTS / "fitness_context.jsonl"
 TOKENS = 16 * 2048  # the benchmark's first 16 test windows
@@ -24,8 +25,6 @@ LENGTHS = (256, 512, 2048)
 
 
 def run_cell(args) -> None:
-    from final_statistics import bank_statistics, cell_context
-
     from optimum_msp.allocation import ALLOCATORS
     from optimum_msp.apply import prune_with_statistics
     from optimum_msp.evaluation.perplexity import perplexity
@@ -64,7 +63,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cell", default="sparsegpt:2:8", help="METHOD:SPARSITY or METHOD:N:M")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preset", default="default", help="named search settings of bench/final_statistics.py")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="named search settings of bench/final_statistics.py")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=str(OUT))
     parser.add_argument("--table", action="store_true")
