@@ -15,6 +15,7 @@ own windows:
     python bench/final_statistics.py --table
     python bench/final_statistics.py --seeds-table   # mean (min-max) over seeds; MSP against Fisher beyond spread
     python bench/final_statistics.py --compare short long   # one row per cell: Fisher, and MSP under each preset
+    python bench/final_statistics.py --compare long long-x2 --paired   # only the seeds both ran, long-x2 / long
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ OUT = RESULTS / "final_statistics.jsonl"
 #: named search settings (``--preset``), each spelled out in full so that its rows stay reproducible when a default
 #: moves. "short" is the library's default before the fitness windows became 2 x 512 (rows recorded then as
 #: "default" were renamed "short"); "long" is the setting that became the default, kept for the rows that measured
-#: it. "quality" is the candidate measured for a longer, screened search preset: it lost to the default on both
-#: seeds measured (docs/notes/2026-11-29-final-statistics.md), so none is shipped.
+#: it. "screened" (recorded as "quality" before the library had a preset of that name) is the first candidate
+#: measured for a longer search: it lost to the default on both seeds (docs/notes/2026-11-29-final-statistics.md).
+#: "long-x2" is the library's ``quality`` preset (optimum_msp/presets.py), spelled out.
 SHORT = dict(fitness_samples=4, fitness_seqlen=256)
 PRESETS = {
     "default": {},
     "short": SHORT,
     # the same 1,024 fitness tokens in 2 windows of 512 instead of 4 of 256 (longer context, the same cost)
     "long": dict(fitness_samples=2, fitness_seqlen=512),
-    "quality": dict(SHORT, fitness_samples=8, generations=12, offspring=16, selection_steps="2:6,4:3"),
+    "screened": dict(SHORT, fitness_samples=8, generations=12, offspring=16, selection_steps="2:6,4:3"),
     # each generation on its own 4 of 16 held-out windows, the finalists on all 16 (fitness_pool)
     "pool": dict(SHORT, fitness_pool=16),
     # the same tokens per draw and pool in longer windows (the test windows are 2048 tokens long)
@@ -229,11 +231,15 @@ def seeds_table(path: Path, presets=None) -> str:
     return "\n".join(lines)
 
 
-def compare_table(path: Path, presets) -> str:
+def compare_table(path: Path, presets, paired: bool = False) -> str:
     """One row per cell: the delivered Fisher model and, per preset in ``presets``, the delivered MSP model (mean
     test PPL over seeds, min–max), its ratio to Fisher on their common seeds (the ratio of the means, and the range
     of the per-seed ratios), the verdict (a gain only beyond the seed-to-seed spread, ``bench/allocation.py``'s
-    rule), on how many seeds it won, and its mean search CPU."""
+    rule), on how many seeds it won, and its mean search CPU.
+
+    ``paired``: only the seeds every preset ran (cells with none are left out), and a last column per further
+    preset, its MSP model against the first preset's, seed by seed: the same calibration and fitness windows, so
+    the comparison of two search settings that the seed-to-seed spread does not blur."""
     import statistics
 
     from allocation import _mean_range, msp_verdict, seeds_won
@@ -250,16 +256,28 @@ def compare_table(path: Path, presets) -> str:
             if row.get("search_cpu_s"):
                 cpu.setdefault((row["cell"], preset), {})[row["seed"]] = row["search_cpu_s"]
     per_preset = ["MSP, {0}", "{0} / Fisher", "{0}: verdict", "{0}: wins", "{0}: search CPU s"]
-    lines = ["| cell | seeds | Fisher | " + " | ".join(c.format(p) for p in presets for c in per_preset) + " |",
-             "|" + "---|" * (3 + len(per_preset) * len(presets))]
+    against_first = [f"{p} / {presets[0]}" for p in presets[1:]] if paired else []
+    lines = ["| cell | seeds | Fisher | " + " | ".join(c.format(p) for p in presets for c in per_preset)
+             + "".join(f" | {c}" for c in against_first) + " |",
+             "|" + "---|" * (3 + len(per_preset) * len(presets) + len(against_first))]
     for cell in sorted({cell for cell, _ in msp}):
-        seeds = sorted(set(fisher.get(cell, {})).union(*(msp.get((cell, p), {}) for p in presets)))
-        cells = [cell, ",".join(map(str, seeds)), _mean_range(fisher.get(cell, {}), len(seeds))]
+        if paired:
+            keep = set.intersection(*(set(msp.get((cell, p), {})) for p in presets))
+            if not keep:
+                continue
+            only = lambda rows: {s: v for s, v in rows.items() if s in keep}  # noqa: E731
+        else:
+            only = dict
+        f = only(fisher.get(cell, {}))
+        searched = {p: only(msp.get((cell, p), {})) for p in presets}
+        seeds = sorted(set(f).union(*searched.values()))
+        cells = [cell, ",".join(map(str, seeds)), _mean_range(f, len(seeds))]
         for preset in presets:
-            searched, f = msp.get((cell, preset), {}), fisher.get(cell, {})
-            spent = cpu.get((cell, preset))
-            cells += [_mean_range(searched, len(seeds)), _ratio(f, searched, per_seed=True), msp_verdict(f, searched), seeds_won(f, searched),
+            spent = only(cpu.get((cell, preset), {}))
+            cells += [_mean_range(searched[preset], len(seeds)), _ratio(f, searched[preset], per_seed=True),
+                      msp_verdict(f, searched[preset]), seeds_won(f, searched[preset]),
                       f"{statistics.mean(spent.values()):.0f}" if spent else "-"]
+        cells += [_ratio(searched[presets[0]], searched[p], per_seed=True) for p in presets[1:]] if paired else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -279,11 +297,13 @@ def main() -> None:
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--seeds-table", action="store_true", help="mean (min-max) over seeds per cell and model")
     parser.add_argument("--presets", nargs="*", default=None, help="--seeds-table: only these presets (default: all)")
+    parser.add_argument("--paired", action="store_true",
+                        help="--compare: only the seeds every preset ran, and each preset against the first")
     parser.add_argument("--compare", nargs="+", default=None, metavar="PRESET",
                         help="one row per cell: the Fisher model and the MSP model of each of these presets")
     args = parser.parse_args()
     if args.compare:
-        print(compare_table(Path(args.output), args.compare))
+        print(compare_table(Path(args.output), args.compare, paired=args.paired))
         return
     if args.table or args.seeds_table:
         print(seeds_table(Path(args.output), args.presets) if args.seeds_table else table(Path(args.output)))

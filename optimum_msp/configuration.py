@@ -24,6 +24,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .allocation import ALLOCATORS, Budget
 from .data import BOS_CHOICES
 from .options import FieldSpec, Options, option
+from .presets import preset_values
 from .pruners import PRUNERS
 
 logger = logging.getLogger(__name__)
@@ -211,6 +212,14 @@ class MSPConfig(QuantizationConfigMixin):
 
     def __repr__(self) -> str:
         return f"MSPConfig({json.dumps(self.to_dict(), sort_keys=True)})"
+
+    @classmethod
+    def from_preset(cls, preset: str, **values: Any) -> "MSPConfig":
+        """A config from a named preset (:mod:`optimum_msp.presets`) with ``values`` on top: what is given here wins.
+
+        >>> MSPConfig.from_preset("quality", method="sparsegpt", sparsity=0.75, allocation="msp")
+        """
+        return cls(**{**preset_values(preset), **values})
 
     @classmethod
     def from_dict(cls, config_dict: Dict[str, Any], return_unused_kwargs: bool = False, **kwargs):

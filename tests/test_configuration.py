@@ -110,3 +110,25 @@ def test_validation_changes_nothing_the_user_asked():
     config.validate()
     config.resolved()
     assert vars(config) == before and config.pattern == "2:8"
+
+
+def test_a_preset_fills_values_and_what_is_given_wins():
+    from optimum_msp.presets import PRESETS
+
+    assert MSPConfig.from_preset("default") == MSPConfig()
+    quality = MSPConfig.from_preset("quality", method="sparsegpt", sparsity=0.75, allocation="msp")
+    assert PRESETS["quality"] and all(getattr(quality, name) == value for name, value in PRESETS["quality"].items())
+    assert quality != MSPConfig(method="sparsegpt", sparsity=0.75, allocation="msp")
+    given = next(iter(PRESETS["quality"]))
+    assert getattr(MSPConfig.from_preset("quality", **{given: 3}), given) == 3
+    with pytest.raises(ValueError, match=r"Unknown preset 'qualty'.*'quality'"):
+        MSPConfig.from_preset("qualty")
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["unstructured", "mixed-n:m"])
+def test_every_preset_is_a_valid_config_for_every_method(method, pattern):
+    from optimum_msp.presets import PRESETS
+
+    for name in PRESETS:
+        MSPConfig.from_preset(name, method=method, pattern=pattern, sparsity=0.625, allocation="msp").validate()

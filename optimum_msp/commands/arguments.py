@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, Optional
 
 from ..configuration import MSPConfig, RunOptions, config_fields, parse_pattern
 from ..options import FieldSpec
+from ..presets import PRESETS, preset_values
 
 
 def _flag(name: str) -> str:
@@ -39,6 +40,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Iterable[str]
     if config_file:
         parser.add_argument("--config", default=None,
                             help="an msp_config.json (or a folder holding one) to start from; flags override it")
+        parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                            help="named settings on top of --config, under the flags: quality = twice the "
+                            "search's fitness tokens, about twice its time (docs/msp.md)")
     groups: Dict[type, Any] = {}
     for name, spec in config_fields().items():
         if name in exclude:
@@ -64,10 +68,13 @@ def config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] = None) -> MSPConfig:
-    """``MSPConfig`` from ``--config`` (if any), then ``defaults`` (the caller's), then the flags given."""
+    """``MSPConfig`` from ``defaults`` (the caller's), then ``--config`` (if any), then ``--preset``, then the flags
+    given: each later one wins."""
     values: Dict[str, Any] = dict(defaults or {})
     if getattr(args, "config", None):
         values.update(MSPConfig.from_pretrained(args.config).to_dict())
+    if getattr(args, "preset", None):
+        values.update(preset_values(args.preset))
     given = config_overrides(args)
     if given.get("pattern") is not None and parse_pattern(given["pattern"])[0] == "n:m":
         # an N:M pattern implies its sparsity and M: a file's (for its own pattern) must not contradict it

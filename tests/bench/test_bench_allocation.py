@@ -136,3 +136,23 @@ def test_final_statistics_compare_table_one_row_per_cell(bench, tmp_path):
     # per-seed ratios 120/100 .. 122/102 and 50/100 .. 52/102
     assert table[2] == ("| wanda:2:8 | 0,1,2 | 101 (100–102) | 121 (120–122) | 1.20x (1.20–1.20) | loss | 0/3 | "
                         "301 | 51 (50–52) | 0.50x (0.50–0.51) | gain | 3/3 | 301 |")
+
+
+def test_final_statistics_paired_compare_keeps_the_seeds_every_preset_ran(bench, tmp_path):
+    final_statistics = importlib.import_module("final_statistics")
+    path = tmp_path / "rows.jsonl"
+    rows = [{"cell": "wanda:3:8", "seed": seed, "preset": "long", "plan": plan, "final_statistics": final,
+             "ppl": ppl + seed, "search_cpu_s": 400.0}
+            for seed in (0, 1, 2) for plan, final, ppl in (("fisher", "sequential", 100), ("msp", "search", 80))]
+    rows += [{"cell": "wanda:3:8", "seed": seed, "preset": "long-x2", "plan": "msp", "final_statistics": "search",
+              "ppl": 60.0 + seed, "search_cpu_s": 800.0} for seed in (0, 1)]
+    rows += [{"cell": "wanda:0.75", "seed": 2, "preset": "long-x2", "plan": "msp", "final_statistics": "search",
+              "ppl": 1.0, "search_cpu_s": 800.0}]  # no long row on seed 2 of this cell: nothing to pair
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table = final_statistics.compare_table(path, ["long", "long-x2"], paired=True).splitlines()
+    assert table[0].endswith("| long-x2 / long |") and len(table) == 3
+    # seeds 0 and 1 only: Fisher 100.5, long 80.5, long-x2 60.5; per seed 60/80 and 61/81
+    assert table[2] == ("| wanda:3:8 | 0,1 | 100.5 (100–101) | 80.5 (80–81) | 0.80x (0.80–0.80) | gain | "
+                        "2/2 | 400 | 60.5 (60–61) | 0.60x (0.60–0.60) | gain | 2/2 | 800 | 0.75x (0.75–0.75) |")
+    unpaired = final_statistics.compare_table(path, ["long", "long-x2"]).splitlines()
+    assert "| wanda:3:8 | 0,1,2 |" in unpaired[-1] and not unpaired[0].endswith("/ long |")

@@ -112,6 +112,28 @@ def test_config_file_and_flags_build_the_config(tmp_path):
     assert plain.to_dict() == MSPConfig(fitness="kl").to_dict()
 
 
+def test_preset_sits_between_the_config_file_and_the_flags(tmp_path):
+    from optimum_msp import MSPConfig
+    from optimum_msp.commands.arguments import config_from_args as _config_from_args
+    from optimum_msp.commands.cli import build_parser
+    from optimum_msp.presets import PRESETS
+
+    MSPConfig(method="sparsegpt", allocation="msp", generations=3, fitness_samples=3).save_pretrained(tmp_path)
+
+    def config(*flags):
+        return _config_from_args(build_parser().parse_args(["prune", *flags]))
+
+    quality = config("--preset", "quality", "--allocation", "msp")
+    assert quality.to_dict() == MSPConfig(**PRESETS["quality"], allocation="msp").to_dict()
+    assert quality.to_dict() != MSPConfig(allocation="msp").to_dict()
+    over_file = config("--config", str(tmp_path), "--preset", "quality")  # the preset over the file's value
+    assert over_file.fitness_samples == PRESETS["quality"]["fitness_samples"] and over_file.generations == 3
+    flag_wins = config("--config", str(tmp_path), "--preset", "quality", "--fitness-samples", "5")
+    assert flag_wins.fitness_samples == 5 and flag_wins.method == "sparsegpt"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        config("--preset", "qualty")
+
+
 def test_bad_config_file_exits_with_a_message(tmp_path, capsys):
     (tmp_path / "msp_config.json").write_text('{"method": "wanda", "spasity": 0.5}')
     assert main(["prune", str(tmp_path), "--config", str(tmp_path)]) == 2
