@@ -45,6 +45,10 @@ PRESETS = {
     "short": SHORT,
     # the same 1,024 fitness tokens in 2 windows of 512 instead of 4 of 256 (longer context, the same cost)
     "long": dict(fitness_samples=2, fitness_seqlen=512),
+    # twice the fitness tokens at 512 (4 windows; 2x the search CPU): the library's quality preset
+    "long-x2": dict(fitness_samples=4, fitness_seqlen=512),
+    # one level per linear layer instead of per block (EvoPress's unit), the default's windows
+    "long-layer": dict(fitness_samples=2, fitness_seqlen=512, granularity="layer"),
     "screened": dict(SHORT, fitness_samples=8, generations=12, offspring=16, selection_steps="2:6,4:3"),
     # each generation on its own 4 of 16 held-out windows, the finalists on all 16 (fitness_pool)
     "pool": dict(SHORT, fitness_pool=16),

@@ -156,3 +156,13 @@ def test_final_statistics_paired_compare_keeps_the_seeds_every_preset_ran(bench,
                         "2/2 | 400 | 60.5 (60–61) | 0.60x (0.60–0.60) | gain | 2/2 | 800 | 0.75x (0.75–0.75) |")
     unpaired = final_statistics.compare_table(path, ["long", "long-x2"]).splitlines()
     assert "| wanda:3:8 | 0,1,2 |" in unpaired[-1] and not unpaired[0].endswith("/ long |")
+
+
+def test_bench_long_x2_rows_are_the_library_quality_preset(bench):
+    """The docs quote the long-x2 rows as what the quality preset buys: they must be the same settings."""
+    from optimum_msp import MSPConfig
+
+    final_statistics = importlib.import_module("final_statistics")
+    run = dict(method="sparsegpt", sparsity=0.75, allocation="msp")
+    assert MSPConfig(**final_statistics.PRESETS["long-x2"], **run) == MSPConfig.from_preset("quality", **run)
+    assert MSPConfig(**final_statistics.PRESETS["long"], **run) == MSPConfig(**run)  # and long is the default
