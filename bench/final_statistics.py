@@ -178,6 +178,12 @@ def table(path: Path) -> str:
     return markdown_table(rows, columns)
 
 
+def _ppl_16(row: dict) -> float:
+    """The row's PPL on the first 16 test windows (what the seeds and compare tables show): a whole-split row
+    carries it as ``ppl_16``, from the same per-window losses."""
+    return row.get("ppl_16", row["ppl"])
+
+
 def _ratio(fisher: dict, msp: dict, per_seed: bool = False) -> str:
     """MSP's mean PPL over Fisher's on their common seeds, e.g. ``"0.95x"``; with ``per_seed`` (and 2 seeds or more)
     also the range of the per-seed ratios, ``"0.95x (0.93–0.97)"``: a seed's two models share its calibration
@@ -210,7 +216,7 @@ def seeds_table(path: Path, presets=None) -> str:
     search_cpu: dict = {}  # (cell, preset) -> {seed: search CPU s} of the searches behind the MSP rows
     for row in read_results(path):
         key = (row["cell"], row.get("preset") or "default")
-        cells.setdefault(key, {}).setdefault((row["plan"], row["final_statistics"]), {})[row["seed"]] = row["ppl"]
+        cells.setdefault(key, {}).setdefault((row["plan"], row["final_statistics"]), {})[row["seed"]] = _ppl_16(row)
         if row["plan"] == "msp" and row.get("search_cpu_s"):
             search_cpu.setdefault(key, {})[row["seed"]] = row["search_cpu_s"]
     header = [f"{plan} ({final})" for plan, final in MODELS]
@@ -254,9 +260,9 @@ def compare_table(path: Path, presets, paired: bool = False) -> str:
     for row in read_results(path):
         preset = row.get("preset") or "default"
         if (row["plan"], row["final_statistics"]) == ("fisher", "sequential"):
-            fisher.setdefault(row["cell"], {})[row["seed"]] = row["ppl"]
+            fisher.setdefault(row["cell"], {})[row["seed"]] = _ppl_16(row)
         elif (row["plan"], row["final_statistics"]) == ("msp", "search") and preset in presets:
-            msp.setdefault((row["cell"], preset), {})[row["seed"]] = row["ppl"]
+            msp.setdefault((row["cell"], preset), {})[row["seed"]] = _ppl_16(row)
             if row.get("search_cpu_s"):
                 cpu.setdefault((row["cell"], preset), {})[row["seed"]] = row["search_cpu_s"]
     per_preset = ["MSP, {0}", "{0} / Fisher", "{0}: verdict", "{0}: wins", "{0}: search CPU s"]

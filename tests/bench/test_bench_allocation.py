@@ -148,6 +148,9 @@ def test_final_statistics_paired_compare_keeps_the_seeds_every_preset_ran(bench,
               "ppl": 60.0 + seed, "search_cpu_s": 800.0} for seed in (0, 1)]
     rows += [{"cell": "wanda:0.75", "seed": 2, "preset": "long-x2", "plan": "msp", "final_statistics": "search",
               "ppl": 1.0, "search_cpu_s": 800.0}]  # no long row on seed 2 of this cell: nothing to pair
+    # a whole-split run of a seed already measured: the tables show its 16-window PPL, not the whole split's
+    rows += [{"cell": "wanda:3:8", "seed": 0, "preset": "long", "plan": "msp", "final_statistics": "search",
+              "ppl": 999.0, "ppl_16": 80.0, "eval_windows": "all (148)", "search_cpu_s": 400.0}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     table = final_statistics.compare_table(path, ["long", "long-x2"], paired=True).splitlines()
     assert table[0].endswith("| long-x2 / long |") and len(table) == 3
