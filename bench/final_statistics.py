@@ -271,13 +271,14 @@ def compare_table(path: Path, presets, paired: bool = False) -> str:
              + "".join(f" | {c}" for c in against_first) + " |",
              "|" + "---|" * (3 + len(per_preset) * len(presets) + len(against_first))]
     for cell in sorted({cell for cell, _ in msp}):
-        if paired:
-            keep = set.intersection(*(set(msp.get((cell, p), {})) for p in presets))
-            if not keep:
-                continue
-            only = lambda rows: {s: v for s, v in rows.items() if s in keep}  # noqa: E731
-        else:
-            only = dict
+        # paired: the seeds every preset ran, and nothing else
+        keep = set.intersection(*(set(msp.get((cell, p), {})) for p in presets)) if paired else None
+        if keep == set():
+            continue
+
+        def only(rows: dict) -> dict:
+            return {s: v for s, v in rows.items() if keep is None or s in keep}
+
         f = only(fisher.get(cell, {}))
         searched = {p: only(msp.get((cell, p), {})) for p in presets}
         seeds = sorted(set(f).union(*searched.values()))
