@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
@@ -106,10 +106,11 @@ def timed_block_forward(model, calibration: torch.Tensor, block_name=None) -> Ti
     return timer
 
 
-def wikitext_perplexity(model, tokenizer, windows) -> Dict:
+def wikitext_perplexity(model, tokenizer, windows, prefix: Optional[int] = None) -> Dict:
     """WikiText-2 test PPL on the first ``windows`` windows (``None``: all 148). A full-split run also
     reports the 16-window PPL, read from the same per-window NLLs (the first 16 windows are a prefix),
-    so full rows compare with the sweep rows without a second pass."""
+    so full rows compare with the sweep rows without a second pass; ``prefix=N`` adds ``ppl_first_N``, the PPL
+    of the first N windows, the same way."""
     import math
 
     from optimum_msp.data import evaluation_windows, resolve_bos
@@ -124,6 +125,8 @@ def wikitext_perplexity(model, tokenizer, windows) -> Dict:
               "eval_s": timer.wall, "eval_cpu_s": timer.cpu, "bos": bos_token_id is not None}
     if windows is None or windows > SWEEP_WINDOWS:
         result["ppl_16"] = math.exp(nlls[:SWEEP_WINDOWS].mean().item())
+    if prefix:
+        result[f"ppl_first_{prefix}"] = math.exp(nlls[:prefix].mean().item())
     return result
 
 

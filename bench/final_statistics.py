@@ -16,6 +16,9 @@ own windows:
     python bench/final_statistics.py --seeds-table   # mean (min-max) over seeds; MSP against Fisher beyond spread
     python bench/final_statistics.py --compare short long   # one row per cell: Fisher, and MSP under each preset
     python bench/final_statistics.py --compare long long-x2 --paired   # only the seeds both ran, long-x2 / long
+    python bench/final_statistics.py --threads 1 --cell sparsegpt:0.75 --seed 0 --preset oracle --fitness-on-test \
+        --output bench/results/final_statistics_oracle.jsonl --models uniform:sequential fisher:sequential msp:search
+    python bench/final_statistics.py --table --output bench/results/final_statistics_oracle.jsonl
 """
 
 from __future__ import annotations
@@ -47,8 +50,14 @@ PRESETS = {
     "long": dict(fitness_samples=2, fitness_seqlen=512),
     # twice the fitness tokens at 512 (4 windows; 2x the search CPU): the library's quality preset
     "long-x2": dict(fitness_samples=4, fitness_seqlen=512),
+    # the default's windows scored by KL divergence from the dense model's next-token distribution (EvoPress's
+    # fitness) instead of NLL: measured for Wanda before (docs/notes/2026-11-24-fitness-kl-vs-ppl.md), not SparseGPT
+    "long-kl": dict(fitness_samples=2, fitness_seqlen=512, fitness="kl"),
     # one level per linear layer instead of per block (EvoPress's unit), the default's windows
     "long-layer": dict(fitness_samples=2, fitness_seqlen=512, granularity="layer"),
+    # with --fitness-on-test: the fitness on the first 2 test windows themselves (an in-sample oracle, 8x the
+    # default's tokens), which bounds what this search can find on windows it is scored on; never a real setting
+    "oracle": dict(fitness_samples=2, fitness_seqlen=2048, search_cache_mb=4000),
     "screened": dict(SHORT, fitness_samples=8, generations=12, offspring=16, selection_steps="2:6,4:3"),
     # each generation on its own 4 of 16 held-out windows, the finalists on all 16 (fitness_pool)
     "pool": dict(SHORT, fitness_pool=16),
@@ -82,7 +91,8 @@ def cell_context(args):
     method, target = parse_cell(args.cell)
     config = MSPConfig(**PRESETS[args.preset], **target, method=method, allocation="msp", seed=args.seed).resolved()
     pruner = MSPPruner.from_pretrained(args.model)
-    data = pruner.calibration(config)
+    data = pruner.calibration(config, held_out_ids=test_fitness_ids(config, pruner.tokenizer) if args.fitness_on_test
+                              else None)
     method_pruner = build_pruner(config.method, config.pruner_options())
     runner = BlockRunner(pruner.model, config.block_name)
     layers = [select_linears(block, f"{runner.block_prefix}.{i}", config.targets, config.ignore)
@@ -90,6 +100,19 @@ def cell_context(args):
     context = AllocationContext(pruner.model, layers, config.budget(), config.allocation_options(), method_pruner,
                                 data, runner, config.seed, config.batch_size)
     return config, pruner, data, context
+
+
+def test_fitness_ids(config, tokenizer):
+    """The first ``fitness_samples`` WikiText-2 test windows, for ``--fitness-on-test``: the search then scores its
+    plans on windows the evaluation reads too (an in-sample oracle, not a protocol), which bounds what it can find."""
+    from optimum_msp.data import evaluation_windows, resolve_bos
+    from optimum_msp.evaluation import evaluation_ids
+
+    if config.fitness_seqlen != 2048:
+        raise ValueError(f"--fitness-on-test needs the evaluation's 2048-token windows; the preset's fitness_seqlen "
+                         f"is {config.fitness_seqlen} (use --preset oracle).")
+    ids = evaluation_ids(tokenizer, "wikitext2", "test")
+    return evaluation_windows(ids, 2048, config.fitness_samples, resolve_bos("auto", tokenizer))
 
 
 def bank_statistics(context, kind: str, fisher_targets):
@@ -122,6 +145,8 @@ def run_cell(args) -> None:
     modules = context.modules
     base = {"cell": args.cell, "seed": args.seed, "bank_statistics": kind, "overrides": {}, "preset": args.preset,
             "commit": git_commit(), "threads": args.threads}
+    if args.fitness_on_test:
+        base["fitness_on_test"] = config.fitness_samples
     if searched is not None:
         base.update({"search_cpu_s": round(searched.report["search_cpu_seconds"], 1),
                      "evaluations": searched.report["evaluations"], "screened": searched.report["screened"],
@@ -160,19 +185,36 @@ def run_cell(args) -> None:
                    "final_fitness_nll": _final_fitness_nll(pruner.model, fitness_ids)}
             if plan_name == "msp":  # per unit (block by default): what the search chose
                 row["levels"] = [round(level, 4) for level in searched.search["levels"]]
-            row.update(wikitext_perplexity(pruner.model, pruner.tokenizer, args.eval_windows or None))
+            row.update(wikitext_perplexity(pruner.model, pruner.tokenizer, args.eval_windows or None,
+                                           prefix=config.fitness_samples if args.fitness_on_test else None))
         append_result(Path(args.output), row)
         print(row, flush=True)
     if searched is not None and searched.statistics is not None:
         getattr(searched.statistics, "close", lambda: None)()
 
 
+def split_at_fitness_windows(row: dict) -> dict:
+    """For a ``--fitness-on-test`` row, its PPL on the windows the search was scored on (``ppl_first_N``) and on the
+    other evaluation windows (``ppl_after_N``, from the same per-window mean NLLs); other rows unchanged."""
+    import math
+
+    first = row.get("fitness_on_test")
+    if not first or not isinstance(row.get("eval_windows"), int):
+        return row
+    windows, nll_first = row["eval_windows"], math.log(row[f"ppl_first_{first}"])
+    nll_after = (windows * math.log(row["ppl"]) - first * nll_first) / (windows - first)
+    return {**row, "ppl_fitness_windows": math.exp(nll_first), "ppl_other_windows": math.exp(nll_after)}
+
+
 def table(path: Path) -> str:
-    rows = read_results(path)
+    rows = [split_at_fitness_windows(row) for row in read_results(path)]
     columns = ["cell", "seed", "preset", "bank_statistics", "plan", "final_statistics", "ppl", "final_fitness_nll",
                "best_fitness", "fisher_fitness", "commit"]
+    if any("ppl_fitness_windows" in row for row in rows):  # --fitness-on-test rows: the PPL on and off those windows
+        columns[7:7] = ["ppl_fitness_windows", "ppl_other_windows"]
     for row in rows:
-        for key in ("ppl", "final_fitness_nll", "best_fitness", "fisher_fitness"):
+        for key in ("ppl", "final_fitness_nll", "best_fitness", "fisher_fitness", "ppl_fitness_windows",
+                    "ppl_other_windows"):
             if isinstance(row.get(key), float):
                 row[key] = round(row[key], 3)
     return markdown_table(rows, columns)
@@ -304,6 +346,9 @@ def main() -> None:
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named search settings")
     parser.add_argument("--eval-windows", type=int, default=16, help="first test windows; 0: the whole split")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fitness-on-test", action="store_true",
+                        help="score the search on the first fitness_samples test windows (an in-sample oracle; "
+                             "--preset oracle; rows record ppl_first_N, the PPL on those windows)")
     parser.add_argument("--output", default=str(OUT))
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--seeds-table", action="store_true", help="mean (min-max) over seeds per cell and model")

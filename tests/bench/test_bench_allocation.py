@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -169,3 +170,49 @@ def test_bench_long_x2_rows_are_the_library_quality_preset(bench):
     run = dict(method="sparsegpt", sparsity=0.75, allocation="msp")
     assert MSPConfig(**final_statistics.PRESETS["long-x2"], **run) == MSPConfig.from_preset("quality", **run)
     assert MSPConfig(**final_statistics.PRESETS["long"], **run) == MSPConfig(**run)  # and long is the default
+
+
+def test_fitness_on_test_needs_the_evaluation_window_length(bench):
+    """--fitness-on-test scores the search on evaluation windows, so its windows must be the evaluation's length."""
+    from optimum_msp import MSPConfig
+
+    final_statistics = importlib.import_module("final_statistics")
+    config = MSPConfig(**final_statistics.PRESETS["long"], method="wanda", sparsity=0.75, allocation="msp")
+    with pytest.raises(ValueError, match="fitness_seqlen is 512"):
+        final_statistics.test_fitness_ids(config, tokenizer=None)
+
+
+def test_fitness_on_test_windows_are_the_evaluations_first_and_reported_apart(bench, smollm2_path):
+    """The oracle's fitness windows are the first windows the evaluation reads, and ppl_first_N is those windows' PPL
+    from the same pass (a tiny model with SmolLM2's vocabulary; two 2048-token windows)."""
+    from transformers import AutoTokenizer
+
+    from optimum_msp import MSPConfig
+    from optimum_msp.data import evaluation_windows
+    from optimum_msp.evaluation import evaluation_ids
+    from tiny_models import tiny_model
+
+    final_statistics, common = importlib.import_module("final_statistics"), importlib.import_module("common")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = MSPConfig(**final_statistics.PRESETS["oracle"], method="wanda", sparsity=0.75, allocation="msp")
+    windows = final_statistics.test_fitness_ids(config, tokenizer)
+    evaluated = evaluation_windows(evaluation_ids(tokenizer, "wikitext2", "test"), 2048, 16)
+    assert windows.shape == (2, 2048) and torch.equal(windows, evaluated[:2])
+
+    model = tiny_model("llama", vocab_size=tokenizer.vocab_size + len(tokenizer.get_added_vocab()))
+    both = common.wikitext_perplexity(model, tokenizer, 2, prefix=1)
+    first = common.wikitext_perplexity(model, tokenizer, 1)
+    assert both["ppl_first_1"] == pytest.approx(first["ppl"], rel=1e-5) and both["ppl_first_1"] != both["ppl"]
+
+
+def test_fitness_on_test_rows_split_into_the_fitness_windows_and_the_others(bench):
+    """Per-window NLLs 1, 2, 3, 4, the search scored on the first: PPL e^1 on it, e^3 on the other three."""
+    import math
+
+    final_statistics = importlib.import_module("final_statistics")
+    row = {"ppl": math.exp(2.5), "ppl_first_1": math.exp(1.0), "eval_windows": 4, "fitness_on_test": 1}
+    split = final_statistics.split_at_fitness_windows(row)
+    assert split["ppl_fitness_windows"] == pytest.approx(math.e)
+    assert split["ppl_other_windows"] == pytest.approx(math.exp(3.0))
+    plain = {"ppl": 5.0, "eval_windows": 16}
+    assert final_statistics.split_at_fitness_windows(plain) == plain
