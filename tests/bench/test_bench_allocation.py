@@ -179,7 +179,7 @@ def test_fitness_on_test_needs_the_evaluation_window_length(bench):
     final_statistics = importlib.import_module("final_statistics")
     config = MSPConfig(**final_statistics.PRESETS["long"], method="wanda", sparsity=0.75, allocation="msp")
     with pytest.raises(ValueError, match="fitness_seqlen is 512"):
-        final_statistics.test_fitness_ids(config, tokenizer=None)
+        final_statistics.oracle_fitness_ids(config, tokenizer=None)
 
 
 def test_fitness_on_test_windows_are_the_evaluations_first_and_reported_apart(bench, smollm2_path):
@@ -195,7 +195,7 @@ def test_fitness_on_test_windows_are_the_evaluations_first_and_reported_apart(be
     final_statistics, common = importlib.import_module("final_statistics"), importlib.import_module("common")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     config = MSPConfig(**final_statistics.PRESETS["oracle"], method="wanda", sparsity=0.75, allocation="msp")
-    windows = final_statistics.test_fitness_ids(config, tokenizer)
+    windows = final_statistics.oracle_fitness_ids(config, tokenizer)
     evaluated = evaluation_windows(evaluation_ids(tokenizer, "wikitext2", "test"), 2048, 16)
     assert windows.shape == (2, 2048) and torch.equal(windows, evaluated[:2])
 
