@@ -106,6 +106,17 @@ def timed_block_forward(model, calibration: torch.Tensor, block_name=None) -> Ti
     return timer
 
 
+def wikitext_test_windows(tokenizer, windows: Optional[int] = None):
+    """``(ids, bos)``: the first ``windows`` 2048-token windows of WikiText-2 test (``None``: all 148), as every PPL
+    here reads them, and whether they start with BOS (``bos="auto"``; SmolLM2: no, its tokenizer adds none)."""
+    from optimum_msp.data import evaluation_windows, resolve_bos
+    from optimum_msp.evaluation import evaluation_ids
+
+    bos_token_id = resolve_bos("auto", tokenizer)
+    ids = evaluation_windows(evaluation_ids(tokenizer, "wikitext2", "test"), 2048, windows, bos_token_id)
+    return ids, bos_token_id is not None
+
+
 def wikitext_perplexity(model, tokenizer, windows, prefix: Optional[int] = None) -> Dict:
     """WikiText-2 test PPL on the first ``windows`` windows (``None``: all 148). A full-split run also
     reports the 16-window PPL, read from the same per-window NLLs (the first 16 windows are a prefix),
@@ -113,16 +124,14 @@ def wikitext_perplexity(model, tokenizer, windows, prefix: Optional[int] = None)
     of the first N windows, the same way."""
     import math
 
-    from optimum_msp.data import evaluation_windows, resolve_bos
-    from optimum_msp.evaluation import evaluation_ids, window_nlls
+    from optimum_msp.evaluation import window_nlls
 
-    ids = evaluation_ids(tokenizer, "wikitext2", "test")
-    bos_token_id = resolve_bos("auto", tokenizer)  # SmolLM2: None (its tokenizer adds no BOS)
+    ids, bos = wikitext_test_windows(tokenizer, windows)
     model.eval()
     with Timer() as timer:
-        nlls = window_nlls(model, evaluation_windows(ids, 2048, windows, bos_token_id))
+        nlls = window_nlls(model, ids)
     result = {"ppl": math.exp(nlls.mean().item()), "eval_windows": windows or f"all ({len(nlls)})",
-              "eval_s": timer.wall, "eval_cpu_s": timer.cpu, "bos": bos_token_id is not None}
+              "eval_s": timer.wall, "eval_cpu_s": timer.cpu, "bos": bos}
     if windows is None or windows > SWEEP_WINDOWS:
         result["ppl_16"] = math.exp(nlls[:SWEEP_WINDOWS].mean().item())
     if prefix:

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     RESULTS, append_result, git_commit, markdown_table, read_results, set_threads, wikitext_perplexity,
+    wikitext_test_windows,
 )
 
 from allocation import _final_fitness_nll, parse_target  # noqa: E402  (the NLL bench/allocation.py reports)
@@ -108,14 +109,10 @@ def cell_context(args):
 def oracle_fitness_ids(config, tokenizer):
     """The first ``fitness_samples`` WikiText-2 test windows, for ``--fitness-on-test``: the search then scores its
     plans on windows the evaluation reads too (an in-sample oracle, not a protocol), which bounds what it can find."""
-    from optimum_msp.data import evaluation_windows, resolve_bos
-    from optimum_msp.evaluation import evaluation_ids
-
     if config.fitness_seqlen != 2048:
         raise ValueError(f"--fitness-on-test needs the evaluation's 2048-token windows; the preset's fitness_seqlen "
                          f"is {config.fitness_seqlen} (use --preset oracle).")
-    ids = evaluation_ids(tokenizer, "wikitext2", "test")
-    return evaluation_windows(ids, 2048, config.fitness_samples, resolve_bos("auto", tokenizer))
+    return wikitext_test_windows(tokenizer, config.fitness_samples)[0]
 
 
 def bank_statistics(context, kind: str, fisher_targets):

@@ -9,9 +9,8 @@ Gathering them costs one forward pass over the calibration windows (dense) or th
 (seeded), and they depend only on the model's weights, the calibration windows, the kind of statistics (Wanda's
 input norms, SparseGPT's Hessians) and the seed plan. Like the Fisher traces they are cached: the store's folder
 *is* the cache entry, so trying other search settings, targets or allocations on the same model and data skips
-those passes. When the model cannot be fingerprinted the store
-lives in a temporary folder, removed once the store is closed or dropped. Layers that read the same input share
-one accumulator, in memory and on disk.
+those passes. When the model cannot be fingerprinted the store lives in a temporary folder, removed once the store
+is closed or dropped. Layers that read the same input share one accumulator, in memory and on disk.
 """
 
 from __future__ import annotations
